@@ -1,0 +1,376 @@
+"""Token shards: GPT-2 token ids on disk, and the loader that feeds them to training.
+
+Shard file format (version 1, after llm.c's):
+    header   256 little-endian int32: [0] magic 20240520, [1] format version 1,
+             [2] number of tokens; the rest zero
+    body     that many little-endian uint16 token ids
+Every document is preceded by `<|endoftext|>` (50256), so a shard is a plain stream of
+documents and the model learns where one ends and the next begins.
+
+A shard folder holds `train_NNNNNN.bin` and `val_NNNNNN.bin` files and a `manifest.json`,
+written last, that lists each shard's token count and sha256 plus the folder's data version:
+a hash of the shards' contents, so identical input gives an identical version.
+
+    python -m nanogpt_core.shards build INPUT... --out DIR [--val-fraction F]
+    python -m nanogpt_core.shards demo --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per shard, as build-nanogpt's FineWeb shards
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+
+
+class ShardError(RuntimeError):
+    """A shard file or shard folder that cannot be used, with the path at fault in the message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing one shard
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> str:
+    """Write one shard atomically; return its sha256."""
+    if tokens.dtype != np.uint16:
+        raise TypeError(f"tokens must be uint16, got {tokens.dtype}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
+    payload = header.tobytes() + tokens.astype("<u2", copy=False).tobytes()
+    atomic_write_bytes(path, payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map a shard's tokens after checking its header and length."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard {path} does not exist")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"shard {path} is truncated: {size} bytes, smaller than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"shard {path} is not a token shard (magic {header[0]}, expected {MAGIC})")
+    if header[1] != VERSION:
+        raise ShardError(f"shard {path} has format version {header[1]}; this code reads version {VERSION}")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if size != expected:
+        raise ShardError(f"shard {path} is corrupt or truncated: header says {n_tokens} tokens "
+                         f"({expected} bytes) but the file has {size} bytes")
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    if vocab_size is not None and n_tokens and int(tokens.max()) >= vocab_size:
+        raise ShardError(f"shard {path} is corrupt: token id {int(tokens.max())} is outside the vocabulary "
+                         f"of {vocab_size}")
+    return tokens
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a shard folder from documents
+
+
+@dataclass
+class ShardManifest:
+    data_version: str
+    shards: list[dict]  # name, split, tokens, sha256
+    documents: dict[str, int]  # per split
+    tokens: dict[str, int]  # per split
+    bytes: int
+    val_fraction: float
+    source: dict
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "ShardManifest":
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise ShardError(f"data folder {data_dir} does not exist; build one with "
+                             f"`python -m nanogpt_core.shards build INPUT... --out {data_dir}`")
+        path = data_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise ShardError(f"data folder {data_dir} has no {MANIFEST_NAME}: it is not a finished shard folder "
+                             f"(an interrupted build leaves none); rebuild it with `python -m nanogpt_core.shards`")
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ShardError(f"{path} is not a valid shard manifest: {e}") from e
+
+    def shard_paths(self, data_dir: str | Path, split: str) -> list[Path]:
+        return [Path(data_dir) / s["name"] for s in self.shards if s["split"] == split]
+
+
+class _SplitWriter:
+    """Accumulates one split's tokens and writes a shard each time `shard_tokens` fill up."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.shards: list[dict] = []
+        self.documents = 0
+        self.tokens = 0
+
+    def add(self, doc_tokens: list[int]) -> None:
+        self.documents += 1
+        self.tokens += len(doc_tokens)
+        array = np.asarray(doc_tokens, dtype=np.uint16)
+        while len(array):
+            take = min(len(array), self.shard_tokens - self.fill)
+            self.buffer[self.fill:self.fill + take] = array[:take]
+            self.fill += take
+            array = array[take:]
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        digest = write_shard(self.out_dir / name, self.buffer[:self.fill])
+        self.shards.append({"name": name, "split": self.split, "tokens": self.fill, "sha256": digest})
+        self.fill = 0
+
+
+def is_val_document(index: int, val_fraction: float) -> bool:
+    """Spread the validation documents evenly through the corpus, deterministically.
+
+    Document i goes to val when the running count floor(i * f) steps up at i + 1, so a
+    fraction f of documents lands in val whatever the corpus order or length.
+    """
+    return int((index + 1) * val_fraction) > int(index * val_fraction)
+
+
+def build_shards(texts: Iterable[str], out_dir: str | Path, *, val_fraction: float = 0.01,
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, source: dict | None = None,
+                 batch_documents: int = 256, threads: int = 2) -> ShardManifest:
+    """Tokenize documents into a shard folder, in constant memory; return its manifest.
+
+    Documents are encoded in batches on `threads` threads (tiktoken releases the GIL) and
+    written in input order, so the same input always gives byte-identical shards.
+    """
+    from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is unfinished until it is rewritten
+    for split in SPLITS:
+        for stale in out_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
+            stale.unlink()
+    encoder = get_tokenizer()
+    writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLITS}
+    index = 0
+    for batch in _batched(texts, batch_documents):
+        for doc_tokens in encoder.encode_ordinary_batch(batch, num_threads=threads):
+            split = "val" if is_val_document(index, val_fraction) else "train"
+            writers[split].add([EOT_TOKEN, *doc_tokens])
+            index += 1
+    for writer in writers.values():
+        writer.flush()
+    if writers["train"].tokens == 0:
+        raise ShardError(f"no training text for {out_dir}: the input held {index} document(s), all empty or in val")
+    shards = writers["train"].shards + writers["val"].shards
+    version = hashlib.sha256()
+    for shard in shards:
+        version.update(f"{shard['name']}:{shard['sha256']}\n".encode())
+    manifest = ShardManifest(
+        data_version=version.hexdigest()[:16],
+        shards=shards,
+        documents={s: w.documents for s, w in writers.items()},
+        tokens={s: w.tokens for s, w in writers.items()},
+        bytes=sum(HEADER_BYTES + 2 * s["tokens"] for s in shards),
+        val_fraction=val_fraction,
+        source=source or {},
+    )
+    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest.__dict__, indent=2).encode())
+    return manifest
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding training
+
+
+class ShardLoader:
+    """Yields (inputs, targets) batches of shape (B, T) from one split of a shard folder.
+
+    With several processes, each step reads one contiguous window of B*T*world_size tokens
+    and rank r takes the r-th slice, so ranks never see the same tokens. The loader's state
+    is the window's start (shard index and offset); it is the same on every rank, so one
+    saved state restores all of them exactly.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data_dir = Path(data_dir)
+        self.manifest = ShardManifest.load(self.data_dir)
+        self.paths = self.manifest.shard_paths(self.data_dir, split)
+        if not self.paths:
+            raise ShardError(f"data folder {self.data_dir} has no {split} shards")
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.vocab_size = vocab_size
+        self.window = batch_size * seq_len * world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self._open(0)
+        self.offset = 0
+
+    def _open(self, shard_index: int) -> None:
+        self.shard_index = shard_index
+        self.tokens = read_shard(self.paths[shard_index], self.vocab_size)
+        if len(self.tokens) < self.window + 1:
+            raise ShardError(
+                f"shard {self.paths[shard_index]} holds {len(self.tokens)} tokens, fewer than one step needs "
+                f"({self.B} x {self.T} x {self.world_size} processes + 1 = {self.window + 1}); "
+                f"use more text or a smaller batch")
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.offset + self.window + 1 > len(self.tokens):
+            self._open((self.shard_index + 1) % len(self.paths))
+            self.offset = 0
+        start = self.offset + self.rank * self.B * self.T
+        chunk = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+        self.offset += self.window
+        return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"shard_index": self.shard_index, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        shard_index = int(state["shard_index"])
+        if not 0 <= shard_index < len(self.paths):
+            raise ShardError(f"saved loader position names shard {shard_index}, but {self.data_dir} has "
+                             f"{len(self.paths)} shard(s) in this split")
+        self._open(shard_index)
+        self.offset = int(state["offset"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def iter_texts_from_files(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Text of every document in plain-text, JSON-lines or parquet files (or folders of them).
+
+    A .txt file is one document; .jsonl/.json lines and parquet rows give their `text` field.
+    """
+    for path in _expand(paths):
+        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+        if suffix in (".txt", ".md"):
+            yield path.read_text(encoding="utf-8")
+        elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
+            yield from _jsonl_texts(path)
+        elif suffix == ".parquet":
+            yield from _parquet_texts(path)
+        else:
+            raise ShardError(f"cannot read {path}: expected .txt, .md, .jsonl, .json(.gz) or .parquet")
+
+
+def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            yield path
+        else:
+            raise ShardError(f"input {path} does not exist")
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ShardError(f"{path}:{line_number} is not a JSON object with a 'text' field ({e})") from e
+            yield text
+
+
+def _parquet_texts(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if "text" not in parquet.schema_arrow.names:
+        raise ShardError(f"{path} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nanogpt_core.shards", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="tokenize .txt, .jsonl or .parquet files (a `text` field) into shards")
+    build.add_argument("inputs", nargs="+", help="files or folders")
+    demo = sub.add_parser("demo", help="shards of the offline demo corpus (CPython's documentation)")
+    for p in (build, demo):
+        p.add_argument("--out", required=True, help="shard folder to write")
+        p.add_argument("--val-fraction", type=float, default=0.01 if p is build else 0.05)
+        p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            texts = iter_texts_from_files(args.inputs)
+            source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs]}
+        else:
+            from nanogpt_core.data.demo_corpus import iter_demo_documents
+
+            texts = (doc.text for doc in iter_demo_documents())
+            source = {"kind": "demo", "python": sys.version.split()[0]}
+        manifest = build_shards(texts, args.out, val_fraction=args.val_fraction,
+                                shard_tokens=args.shard_tokens, source=source)
+    except ShardError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({"out": str(args.out), "data_version": manifest.data_version, "documents": manifest.documents,
+                      "tokens": manifest.tokens, "bytes": manifest.bytes}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Pretrain GPT-2 on token shards; meant to be launched by torchrun.
+
+    torchrun --standalone --nproc_per_node=2 -m nanogpt_core.train --profile micro \\
+        --data DATA_DIR --out RUN_DIR [--resume] [--max-steps N] [--checkpoint-every N] [--seed N]
+
+Every field of the profile can be overridden (`--help` lists them). With `--resume` the run
+continues from the newest complete checkpoint in RUN_DIR and, given the same number of
+processes and the same settings, reproduces the uninterrupted run bit for bit: the
+checkpoint holds the weights, the optimizer, the loader position and every rank's RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_model_weights,
+                                     prune_checkpoints, save_checkpoint)
+from nanogpt_core.config import TrainConfig, add_config_arguments, config_from_args
+from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, setup_distributed,
+                                      teardown_distributed)
+from nanogpt_core.hardware import peak_flops
+from nanogpt_core.lineage import code_version, git_commit
+from nanogpt_core.model import GPT
+from nanogpt_core.rng import capture_rng_state, restore_rng_state
+from nanogpt_core.schedule import cosine_lr
+from nanogpt_core.shards import ShardError, ShardLoader, ShardManifest
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingObserver(Protocol):
+    """Receives progress on the main rank (the pipeline forwards it to Dagster)."""
+
+    def on_step(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, path: Path, step: int) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    metrics_path: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    final_checkpoint: Path | None = None
+    final_val_loss: float | None = None
+    initial_val_loss: float | None = None
+    final_train_loss: float | None = None
+    tokens_seen: int = 0
+    resumed_from: Path | None = None
+    wall_seconds: float = 0.0
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def configure_backend(cfg: TrainConfig, ctx: DistContext) -> None:
+    if ctx.device_type == "cuda":
+        # TF32 matmuls for the fp32 parts; the bulk of the work runs under bf16 autocast.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(cfg.threads or max(1, cores // ctx.local_world_size))
+
+
+def autocast_context(ctx: DistContext) -> contextlib.AbstractContextManager:
+    if ctx.device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # CPUs here lack bf16 hardware: fp32 is the fast path
+
+
+@torch.no_grad()
+def evaluate_val_loss(model: torch.nn.Module, loader: ShardLoader, steps: int, ctx: DistContext) -> float:
+    """Mean loss over the first `steps` validation batches, averaged over ranks."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=ctx.device)
+    for _ in range(steps):
+        x, y = (t.to(ctx.device) for t in loader.next_batch())
+        with autocast_context(ctx):
+            _, loss = model(x, y, return_logits=False)
+        total += loss.float() / steps
+    model.train()
+    return mean_across_ranks(total, ctx).item()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks exactly when DDP kept them in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class MetricsLog:
+    """The per-step JSON-lines file; on resume it drops lines past the checkpoint so the file
+    reads exactly as an uninterrupted run's would."""
+
+    def __init__(self, path: Path, keep_through_step: int | None):
+        self.path = path
+        if keep_through_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ProgressDisplay:
+    """A progress bar on a terminal; a plain line per step otherwise (logs, Dagster)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        self.enabled = enabled
+        self.total = total
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, m: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
+            self.bar.update(1)
+        else:
+            val = f" | val {m['val_loss']:.4f}" if "val_loss" in m else ""
+            print(f"step {m['step']:5d}/{self.total} | loss {m['loss']:.6f}{val} | lr {m['lr']:.4e} | "
+                  f"norm {m['grad_norm']:.4f} | {m['dt_ms']:.0f} ms | {m['tokens_per_sec']:.0f} tok/s | "
+                  f"mfu {m['mfu'] * 100:.1f}%", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume: bool = False,
+          observer: TrainingObserver | None = None) -> TrainResult:
+    """Run (or resume) a pretraining run; every rank calls this, rank 0 writes the files."""
+    started = time.perf_counter()
+    ctx = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, started)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observer: TrainingObserver | None,
+           ctx: DistContext, started: float) -> TrainResult:
+    configure_backend(cfg, ctx)
+    grad_accum = cfg.grad_accum_steps(ctx.world_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Every rank seeds identically, so every rank builds identical initial weights.
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config()).to(ctx.device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.max_lr, ctx.device_type)
+    train_loader = ShardLoader(data_dir, "train", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
+                               cfg.vocab_size)
+    val_loader = ShardLoader(data_dir, "val", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
+                             cfg.vocab_size)
+    data_version = train_loader.manifest.data_version
+    lineage = {
+        "profile": cfg.profile,
+        "data_dir": str(data_dir.resolve()),
+        "data_version": data_version,
+        "data_source": train_loader.manifest.source,
+        "code_version": code_version(),
+        "git_commit": git_commit(),
+        "parent_checkpoint": None,
+        "world_size": ctx.world_size,
+    }
+
+    start_step, resumed_from, initial_val_loss, tokens_seen = 0, None, None, 0
+    found = latest_checkpoint(out_dir, map_location=ctx.device) if resume else None
+    if found is not None:
+        resumed_from, payload = found
+        load_model_weights(model, payload, resumed_from)
+        optimizer.load_state_dict(payload["optimizer"])
+        train_loader.load_state_dict(payload["loader"])
+        saved_world = len(payload["rng"])
+        if saved_world != ctx.world_size and ctx.is_main:
+            print(f"warning: {resumed_from} was written by {saved_world} processes and this run has "
+                  f"{ctx.world_size}; training continues, but not bit for bit", file=sys.stderr)
+        restore_rng_state(payload["rng"][ctx.rank if ctx.rank < saved_world else 0])
+        start_step = payload["step"] + 1
+        initial_val_loss = payload["metrics"].get("initial_val_loss")
+        tokens_seen = payload["metrics"].get("tokens_seen", 0)
+        if payload["lineage"].get("data_version") != data_version and ctx.is_main:
+            print(f"warning: {resumed_from} was trained on data version {payload['lineage'].get('data_version')}, "
+                  f"resuming on {data_version}", file=sys.stderr)
+        lineage["resumed_from"] = str(resumed_from)
+        if ctx.is_main:
+            print(f"resuming from {resumed_from} at step {start_step}", flush=True)
+    elif resume and ctx.is_main:
+        print(f"no checkpoint in {out_dir}; starting from scratch", flush=True)
+
+    run_model: torch.nn.Module = model
+    if cfg.compile:
+        run_model = torch.compile(run_model)
+    if ctx.is_distributed:
+        run_model = DDP(run_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+
+    metrics_path = out_dir / METRICS_FILE
+    log = MetricsLog(metrics_path, start_step - 1 if resumed_from else None) if ctx.is_main else None
+    display = ProgressDisplay(ctx.is_main, cfg.max_steps, start_step)
+    peak = peak_flops(ctx.device_type) if ctx.is_main else None
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    result = TrainResult(out_dir=out_dir, metrics_path=metrics_path, resumed_from=resumed_from, lineage=lineage)
+    loss_value = val_loss = None
+
+    for step in range(start_step, cfg.max_steps):
+        step_started = time.perf_counter()
+        record: dict[str, Any] = {"step": step}
+        if step % cfg.val_every == 0:
+            val_loss = evaluate_val_loss(run_model, val_loader, cfg.val_steps, ctx)
+            record["val_loss"] = val_loss
+            if step == 0:
+                initial_val_loss = val_loss
+
+        loss_accum = torch.zeros((), device=ctx.device)
+        for micro_step in range(grad_accum):
+            x, y = (t.to(ctx.device) for t in train_loader.next_batch())
+            # Gradients are averaged across ranks only on the last micro-step.
+            sync = micro_step == grad_accum - 1 or not ctx.is_distributed
+            with (contextlib.nullcontext() if sync else run_model.no_sync()), autocast_context(ctx):
+                _, loss = run_model(x, y, return_logits=False)
+                loss = loss / grad_accum
+            loss_accum += loss.detach()
+            loss.backward()
+        loss_value = mean_across_ranks(loss_accum, ctx).item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss became {loss_value} at step {step}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        lr = cosine_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                       max_steps=cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.device_type == "cuda":
+            torch.cuda.synchronize()
+        tokens_seen += cfg.total_batch_size
+
+        dt = time.perf_counter() - step_started
+        tokens_per_sec = cfg.total_batch_size / dt
+        record.update(loss=loss_value, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
+                      mfu=(flops_per_token * tokens_per_sec / (peak * ctx.world_size)) if peak else 0.0,
+                      tokens_seen=tokens_seen)
+        if log is not None:
+            log.write(record)
+            display.update(record)
+            if observer is not None:
+                observer.on_step(record)
+
+        last_step = step == cfg.max_steps - 1
+        if last_step:
+            val_loss = evaluate_val_loss(run_model, val_loader, cfg.val_steps, ctx)
+        if (step + 1) % cfg.checkpoint_every == 0 or last_step:
+            rng_states = gather_to_all(capture_rng_state(), ctx)  # a collective: every rank joins
+            rank_fingerprints = gather_to_all(weights_fingerprint(model), ctx)
+            if len(set(rank_fingerprints)) > 1:
+                raise RuntimeError(f"ranks hold different weights after step {step}: {rank_fingerprints}")
+            if ctx.is_main:
+                path = save_checkpoint(
+                    out_dir / checkpoint_name(step), model, step=step, optimizer=optimizer,
+                    train_config=cfg.to_dict(), loader_state=train_loader.state_dict(), rng_states=rng_states,
+                    lineage={**lineage, "tokens_seen": tokens_seen},
+                    metrics={"train_loss": loss_value, "val_loss": val_loss, "initial_val_loss": initial_val_loss,
+                             "tokens_seen": tokens_seen, "rank_weight_fingerprints": rank_fingerprints})
+                prune_checkpoints(out_dir, cfg.keep_last)
+                result.final_checkpoint = path
+                if observer is not None:
+                    observer.on_checkpoint(path, step)
+        if last_step and log is not None:
+            log.write({"step": cfg.max_steps, "val_loss": val_loss})
+
+    display.close()
+    if log is not None:
+        log.close()
+    result.final_val_loss, result.initial_val_loss = val_loss, initial_val_loss
+    result.final_train_loss, result.tokens_seen = loss_value, tokens_seen
+    result.wall_seconds = time.perf_counter() - started
+    if result.final_checkpoint is None and ctx.is_main:
+        found = latest_checkpoint(out_dir)  # the run was already complete
+        result.final_checkpoint = found[0] if found else None
+    return result
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nanogpt_core.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--profile", default=os.environ.get("NANOGPT_PROFILE", "demo"),
+                        help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
+    parser.add_argument("--data", required=True, help="shard folder (python -m nanogpt_core.shards)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, args.out, args.data, resume=args.resume)
+    except (ShardError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"checkpoints: {result.out_dir}")
+        print(f"final checkpoint: {result.final_checkpoint}")
+        print(f"metrics: {result.metrics_path}")
+        if result.final_val_loss is not None:
+            print(f"val loss: {result.initial_val_loss} -> {result.final_val_loss}")
+
+
+if __name__ == "__main__":
+    main()
