@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,29 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in a session of its own, so when torchrun itself is killed
+    outright its workers would otherwise live on as orphans, still training and still
+    writing checkpoints into the folder a resumed run is about to use.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def setup_distributed(device_preference: str = "auto") -> DistContext:
     """Join the process group torchrun describes in the environment, or run as a single process."""
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -56,8 +81,13 @@ def setup_distributed(device_preference: str = "auto") -> DistContext:
     return DistContext(rank, local_rank, world_size, local_world_size, device)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(after_error: bool = False) -> None:
+    """Leave the process group. After an error the peers may be gone, so no goodbye is waited for."""
     if dist.is_available() and dist.is_initialized():
+        if after_error:
+            return
+        # Leave together: a gloo rank whose peer has already closed its connections aborts.
+        dist.barrier()
         dist.destroy_process_group()
 
 

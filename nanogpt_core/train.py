@@ -162,9 +162,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume
     started = time.perf_counter()
     ctx = setup_distributed(cfg.device)
     try:
-        return _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, started)
-    finally:
-        teardown_distributed()
+        result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, started)
+    except BaseException:
+        teardown_distributed(after_error=True)
+        raise
+    teardown_distributed()
+    return result
 
 
 def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observer: TrainingObserver | None,
@@ -224,7 +227,9 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
         run_model = DDP(run_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
 
     metrics_path = out_dir / METRICS_FILE
-    log = MetricsLog(metrics_path, start_step - 1 if resumed_from else None) if ctx.is_main else None
+    # A resumed run rewrites the log from its checkpoint on; resuming a finished run changes nothing.
+    keep_through = None if resumed_from is None else (start_step - 1 if start_step < cfg.max_steps else cfg.max_steps)
+    log = MetricsLog(metrics_path, keep_through) if ctx.is_main else None
     display = ProgressDisplay(ctx.is_main, cfg.max_steps, start_step)
     peak = peak_flops(ctx.device_type) if ctx.is_main else None
     flops_per_token = model.flops_per_token(cfg.seq_len)

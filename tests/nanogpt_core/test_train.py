@@ -1,0 +1,179 @@
+"""The trainer under a real torchrun: DDP on gloo, bit-exact resume after SIGKILL, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt_core.checkpoint import list_checkpoints, read_checkpoint
+
+from ..conftest import PROJECT_ROOT, python_env, run_module
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+TRAIN_ARGS = ["--profile", "micro", "--max-steps", str(STEPS), "--checkpoint-every", "4", "--val-every", "4"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    return [(m["step"], m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(demo_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_module("nanogpt_core.train", *TRAIN_ARGS, "--data", str(demo_shards), "--out", str(out), nproc=2)
+    assert "final checkpoint:" in result.stdout
+    return out
+
+
+def test_two_process_ddp_training_lowers_the_loss_and_keeps_ranks_identical(uninterrupted_run):
+    metrics = read_metrics(uninterrupted_run)
+    train = [m["loss"] for m in metrics if "loss" in m]
+    assert len(train) == STEPS
+    assert sum(train[-4:]) / 4 < train[0] - 1.0
+    final = read_checkpoint(list_checkpoints(uninterrupted_run)[-1])
+    assert final["step"] == STEPS - 1
+    assert final["metrics"]["val_loss"] < final["metrics"]["initial_val_loss"]
+    fingerprints = final["metrics"]["rank_weight_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    assert final["lineage"]["world_size"] == 2
+    assert len(final["rng"]) == 2  # each rank's generator state
+
+
+def test_every_step_is_logged_with_the_promised_fields(uninterrupted_run):
+    first = read_metrics(uninterrupted_run)[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "val_loss"} <= set(first)
+
+
+def test_a_checkpoint_carries_its_lineage(uninterrupted_run, demo_shards):
+    payload = read_checkpoint(list_checkpoints(uninterrupted_run)[-1])
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    lineage = payload["lineage"]
+    assert lineage["data_version"] == manifest["data_version"]
+    assert lineage["code_version"] and lineage["profile"] == "micro"
+    assert "git_commit" in lineage and lineage["tokens_seen"] == STEPS * 1024
+    assert payload["train_config"]["max_steps"] == STEPS
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_for_bit(uninterrupted_run, demo_shards, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nanogpt_core.train", *TRAIN_ARGS, "--data", str(demo_shards), "--out", str(out)]
+    proc = subprocess.Popen(command, env=python_env(), cwd=PROJECT_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and any(json.loads(line)["step"] >= 9 for line in metrics.read_text().splitlines()):
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        for pid in process_tree(proc.pid):  # torchrun and both ranks at once, as a crash would
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / f"model_{STEPS - 1:05d}.pt").exists(), "killed part-way, not at the end"
+    assert list_checkpoints(out), "at least one checkpoint was written before the kill"
+
+    run_module("nanogpt_core.train", *TRAIN_ARGS, "--data", str(demo_shards), "--out", str(out), "--resume", nproc=2)
+
+    resumed_losses, reference_losses = losses(out), losses(uninterrupted_run)
+    assert resumed_losses == reference_losses, (resumed_losses[-4:], reference_losses[-4:])  # exactly
+    resumed = read_checkpoint(list_checkpoints(out)[-1])
+    reference = read_checkpoint(list_checkpoints(uninterrupted_run)[-1])
+    assert str(resumed["lineage"].get("resumed_from")).endswith(".pt"), (resumed["lineage"], [p.name for p in list_checkpoints(out)])
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for key, state in reference["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][key]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, from /proc (torchrun puts workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        tree.append(pid)
+        frontier.extend(children.get(pid, []))
+    return tree
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_killing_torchrun_alone_takes_its_workers_with_it(demo_shards, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nanogpt_core.train", *TRAIN_ARGS, "--max-steps", "400", "--data", str(demo_shards),
+               "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(command, env=python_env(), cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [pid for pid in process_tree(proc.pid) if pid != proc.pid]
+        assert len(workers) >= 2
+        proc.kill()  # SIGKILL: torchrun gets no chance to stop its workers itself
+    finally:
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(is_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(is_alive(pid) for pid in workers)
+
+
+def _train_fails(*args: str) -> str:
+    result = run_module("nanogpt_core.train", *args, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_a_corrupt_shard_is_named_not_a_torch_traceback(demo_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_shards, data)
+    shard = data / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    stderr = _train_fails("--profile", "micro", "--data", str(data), "--out", str(tmp_path / "run"))
+    assert f"shard {shard} is corrupt or truncated" in stderr
+
+
+def test_a_missing_data_folder_is_named(tmp_path):
+    stderr = _train_fails("--profile", "micro", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "run"))
+    assert f"data folder {tmp_path / 'absent'} does not exist" in stderr
+
+
+def test_resuming_with_an_incompatible_model_names_the_checkpoint(uninterrupted_run, demo_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run)
+    stderr = _train_fails(*TRAIN_ARGS, "--n-embd", "128", "--data", str(demo_shards), "--out", str(run),
+                          "--resume")
+    assert f"checkpoint {run / f'model_{STEPS - 1:05d}.pt'} was made with an incompatible model config" in stderr
+    assert "n_embd: checkpoint 64 vs run 128" in stderr
