@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +52,15 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     """Write one shard atomically; return its sha256."""
     if tokens.dtype != np.uint16:
         raise TypeError(f"tokens must be uint16, got {tokens.dtype}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
-    payload = header.tobytes() + tokens.astype("<u2", copy=False).tobytes()
+    payload = _header(len(tokens)) + tokens.astype("<u2", copy=False).tobytes()
     atomic_write_bytes(path, payload)
     return hashlib.sha256(payload).hexdigest()
+
+
+def _header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, n_tokens
+    return header.tobytes()
 
 
 def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
@@ -126,36 +132,123 @@ class ShardManifest:
         return [Path(data_dir) / s["name"] for s in self.shards if s["split"] == split]
 
 
+class _ShardFile:
+    """One shard streamed to disk: a header for a full shard first, then tokens as they come.
+
+    Writing straight to the file keeps memory independent of the shard size. A shard that
+    ends short of full (the last of a split) gets its header's count corrected at the end.
+    """
+
+    def __init__(self, path: Path, capacity: int):
+        self.path, self.capacity, self.tokens = path, capacity, 0
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.file.write(_header(capacity))
+
+    def append(self, tokens: np.ndarray) -> None:
+        self.file.write(memoryview(tokens))
+        self.tokens += len(tokens)
+
+    def finish(self) -> str:
+        """Close the shard, move it into place and return its sha256."""
+        if self.tokens != self.capacity:
+            self.file.seek(0)
+            self.file.write(_header(self.tokens))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        # Hashed from the file rather than as it streams, because a short shard's header
+        # changes at the end; re-reading a just-written shard comes from the page cache.
+        digest = _sha256_of_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        return digest
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 class _SplitWriter:
-    """Accumulates one split's tokens and writes a shard each time `shard_tokens` fill up."""
+    """Appends one split's tokens to a run of shards, starting a new one each time one fills."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.fill = 0
+        self.current: _ShardFile | None = None
         self.shards: list[dict] = []
         self.documents = 0
         self.tokens = 0
 
-    def add(self, doc_tokens: list[int]) -> None:
-        self.documents += 1
-        self.tokens += len(doc_tokens)
-        array = np.asarray(doc_tokens, dtype=np.uint16)
-        while len(array):
-            take = min(len(array), self.shard_tokens - self.fill)
-            self.buffer[self.fill:self.fill + take] = array[:take]
-            self.fill += take
-            array = array[take:]
-            if self.fill == self.shard_tokens:
-                self.flush()
+    def add(self, tokens: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        self.tokens += len(tokens)
+        while len(tokens):
+            if self.current is None:
+                self.current = _ShardFile(self.out_dir / f"{self.split}_{len(self.shards):06d}.bin", self.shard_tokens)
+            take = min(len(tokens), self.shard_tokens - self.current.tokens)
+            self.current.append(tokens[:take])
+            tokens = tokens[take:]
+            if self.current.tokens == self.shard_tokens:
+                self.close()
 
-    def flush(self) -> None:
-        if self.fill == 0:
-            return
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        digest = write_shard(self.out_dir / name, self.buffer[:self.fill])
-        self.shards.append({"name": name, "split": self.split, "tokens": self.fill, "sha256": digest})
-        self.fill = 0
+    def close(self) -> None:
+        if self.current is not None:
+            digest = self.current.finish()
+            self.shards.append({"name": self.current.path.name, "split": self.split,
+                                "tokens": self.current.tokens, "sha256": digest})
+            self.current = None
+
+    def abandon(self) -> None:
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+
+
+@dataclass
+class _EncodedChunk:
+    tokens: dict[str, np.ndarray]  # per split: the chunk's documents, each after an <|endoftext|>
+    documents: dict[str, int]  # per split
+
+
+class _ChunkEncoder:
+    """Encodes a run of consecutive documents into one token array per split.
+
+    Tokens come from tiktoken as a uint32 buffer (`encode_to_numpy` with no special tokens
+    allowed, the same tokens as `encode_ordinary`), so no Python int is created per token:
+    tiktoken encodes without holding the GIL, and what does hold it is a few microseconds
+    of Python per document rather than work proportional to its length.
+    """
+
+    def __init__(self, val_fraction: float):
+        import tiktoken
+
+        from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
+
+        self.encoding = get_tokenizer()
+        self.val_fraction = val_fraction
+        self.eot = np.array([EOT_TOKEN], dtype=np.uint32)
+        # Before tiktoken 0.11, encode_to_numpy mishandled special tokens in the text.
+        self.to_numpy = _version_tuple(tiktoken.__version__) >= (0, 11)
+
+    def encode(self, text: str) -> np.ndarray:
+        if not self.to_numpy:
+            return np.array(self.encoding.encode_ordinary(text), dtype=np.uint32)
+        try:
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; replace them as encode_ordinary does.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+
+    def __call__(self, texts: list[str], first_index: int) -> _EncodedChunk:
+        pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        for index, text in enumerate(texts, start=first_index):
+            split = "val" if is_val_document(index, self.val_fraction) else "train"
+            pieces[split] += (self.eot, self.encode(text))
+        return _EncodedChunk(
+            tokens={split: np.concatenate(p, dtype="<u2", casting="unsafe") if p else np.empty(0, dtype="<u2")
+                    for split, p in pieces.items()},
+            documents={split: len(p) // 2 for split, p in pieces.items()},
+        )
 
 
 def is_val_document(index: int, val_fraction: float) -> bool:
@@ -169,32 +262,53 @@ def is_val_document(index: int, val_fraction: float) -> bool:
 
 def build_shards(texts: Iterable[str], out_dir: str | Path, *, val_fraction: float = 0.01,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, source: dict | None = None,
-                 batch_documents: int = 256, threads: int = 2) -> ShardManifest:
+                 batch_documents: int = 256, chunk_characters: int = 2**18,
+                 threads: int | None = None) -> ShardManifest:
     """Tokenize documents into a shard folder, in constant memory; return its manifest.
 
-    Documents are encoded in batches on `threads` threads (tiktoken releases the GIL) and
-    written in input order, so the same input always gives byte-identical shards.
+    The input is cut into chunks of consecutive documents (at most `batch_documents`
+    documents or about `chunk_characters` characters), which `threads` threads encode
+    (default: one per usable core) while this thread reads ahead and writes finished chunks
+    in input order. At most two chunks per thread are in flight, so memory does not grow
+    with the corpus, and the same input always gives byte-identical shards.
     """
-    from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    threads = threads or _usable_cores()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is unfinished until it is rewritten
     for split in SPLITS:
         for stale in out_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
             stale.unlink()
-    encoder = get_tokenizer()
+    encode_chunk = _ChunkEncoder(val_fraction)
     writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLITS}
+
+    def write(chunk: _EncodedChunk) -> None:
+        for split, writer in writers.items():
+            writer.add(chunk.tokens[split], chunk.documents[split])
+
     index = 0
-    for batch in _batched(texts, batch_documents):
-        for doc_tokens in encoder.encode_ordinary_batch(batch, num_threads=threads):
-            split = "val" if is_val_document(index, val_fraction) else "train"
-            writers[split].add([EOT_TOKEN, *doc_tokens])
-            index += 1
+    pending: deque[Future[_EncodedChunk]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+        try:
+            for chunk in _chunks(texts, batch_documents, chunk_characters):
+                pending.append(pool.submit(encode_chunk, chunk, index))
+                index += len(chunk)
+                if len(pending) >= 2 * threads:
+                    write(pending.popleft().result())
+            while pending:
+                write(pending.popleft().result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            for writer in writers.values():
+                writer.abandon()
+            raise
     for writer in writers.values():
-        writer.flush()
+        writer.close()
     if writers["train"].tokens == 0:
         raise ShardError(f"no training text for {out_dir}: the input held {index} document(s), all empty or in val")
     shards = writers["train"].shards + writers["val"].shards
@@ -214,15 +328,38 @@ def build_shards(texts: Iterable[str], out_dir: str | Path, *, val_fraction: flo
     return manifest
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _chunks(texts: Iterable[str], max_documents: int, max_characters: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    characters = 0
+    for text in texts:
+        chunk.append(text)
+        characters += len(text)
+        if len(chunk) >= max_documents or characters >= max_characters:
+            yield chunk
+            chunk, characters = [], 0
+    if chunk:
+        yield chunk
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    block = bytearray(1 << 20)  # reused, so hashing a 200 MB shard costs 1 MB of memory
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,16 +430,19 @@ class ShardLoader:
 def iter_texts_from_files(paths: Iterable[str | Path]) -> Iterator[str]:
     """Text of every document in plain-text, JSON-lines or parquet files (or folders of them).
 
-    A .txt file is one document; .jsonl/.json lines and parquet rows give their `text` field.
+    A .txt or .md file is one document; JSON lines and parquet rows are read as the `local`
+    text source reads them (their `text` field, empty ones skipped).
     """
+    from nanogpt_core.data.text_sources import LOCAL_SUFFIXES, TextSourceError, iter_local_documents
+
     for path in _expand(paths):
-        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-        if suffix in (".txt", ".md"):
+        if path.suffix in (".txt", ".md"):
             yield path.read_text(encoding="utf-8")
-        elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
-            yield from _jsonl_texts(path)
-        elif suffix == ".parquet":
-            yield from _parquet_texts(path)
+        elif path.name.endswith(LOCAL_SUFFIXES):
+            try:
+                yield from (doc.text for doc in iter_local_documents(path))
+            except TextSourceError as e:
+                raise ShardError(str(e)) from e
         else:
             raise ShardError(f"cannot read {path}: expected .txt, .md, .jsonl, .json(.gz) or .parquet")
 
@@ -316,32 +456,6 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
         else:
             raise ShardError(f"input {path} does not exist")
-
-
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ShardError(f"{path}:{line_number} is not a JSON object with a 'text' field ({e})") from e
-            yield text
-
-
-def _parquet_texts(path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    if "text" not in parquet.schema_arrow.names:
-        raise ShardError(f"{path} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
-    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
-        yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
