@@ -7,12 +7,14 @@ Every field of the profile can be overridden (`--help` lists them). With `--resu
 continues from the newest complete checkpoint in RUN_DIR and, given the same number of
 processes and the same settings, reproduces the uninterrupted run bit for bit: the
 checkpoint holds the weights, the optimizer, the loader position and every rank's RNG.
+The loop itself, `run_training`, is shared with fine-tuning (nanogpt_core.finetune).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -21,9 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_model_weights,
@@ -34,9 +37,10 @@ from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ra
 from nanogpt_core.hardware import peak_flops
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
+from nanogpt_core.pipes_bridge import run_training_entrypoint
 from nanogpt_core.rng import capture_rng_state, restore_rng_state
 from nanogpt_core.schedule import cosine_lr
-from nanogpt_core.shards import ShardError, ShardLoader, ShardManifest
+from nanogpt_core.shards import ShardError, ShardLoader
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -81,7 +85,7 @@ def autocast_context(ctx: DistContext) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def evaluate_val_loss(model: torch.nn.Module, loader: ShardLoader, steps: int, ctx: DistContext) -> float:
+def evaluate_val_loss(model: torch.nn.Module, loader: BatchSource, steps: int, ctx: DistContext) -> float:
     """Mean loss over the first `steps` validation batches, averaged over ranks."""
     model.eval()
     loader.reset()
@@ -156,22 +160,56 @@ class ProgressDisplay:
             self.bar.close()
 
 
+class BatchSource(Protocol):
+    """What the loop reads batches from: shards for pretraining, instruction examples for fine-tuning.
+
+    Its state must be the same on every rank, so one saved state restores all of them.
+    """
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def reset(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """The optimisation loop's settings; pretraining and fine-tuning each derive one from their config."""
+
+    max_steps: int
+    grad_accum: int
+    grad_clip: float
+    lr_at: Callable[[int], float]
+    val_every: int
+    val_steps: int
+    checkpoint_every: int
+    keep_last: int
+    seq_len: int  # for the FLOPs estimate behind MFU
+    compile: bool = False
+    # extra per-step fields for metrics.jsonl, e.g. the fine-tuning epoch
+    progress: Callable[[], dict[str, Any]] | None = None
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume: bool = False,
           observer: TrainingObserver | None = None) -> TrainResult:
     """Run (or resume) a pretraining run; every rank calls this, rank 0 writes the files."""
     started = time.perf_counter()
     ctx = setup_distributed(cfg.device)
     try:
-        result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, started)
+        result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx)
     except BaseException:
         teardown_distributed(after_error=True)
         raise
     teardown_distributed()
+    result.wall_seconds = time.perf_counter() - started
     return result
 
 
 def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observer: TrainingObserver | None,
-           ctx: DistContext, started: float) -> TrainResult:
+           ctx: DistContext) -> TrainResult:
     configure_backend(cfg, ctx)
     grad_accum = cfg.grad_accum_steps(ctx.world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,18 +222,38 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
                                cfg.vocab_size)
     val_loader = ShardLoader(data_dir, "val", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                              cfg.vocab_size)
-    data_version = train_loader.manifest.data_version
     lineage = {
         "profile": cfg.profile,
         "data_dir": str(data_dir.resolve()),
-        "data_version": data_version,
+        "data_version": train_loader.manifest.data_version,
         "data_source": train_loader.manifest.source,
         "code_version": code_version(),
         "git_commit": git_commit(),
         "parent_checkpoint": None,
         "world_size": ctx.world_size,
     }
+    plan = LoopPlan(
+        max_steps=cfg.max_steps, grad_accum=grad_accum, grad_clip=cfg.grad_clip,
+        lr_at=functools.partial(cosine_lr, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                max_steps=cfg.max_steps),
+        val_every=cfg.val_every, val_steps=cfg.val_steps, checkpoint_every=cfg.checkpoint_every,
+        keep_last=cfg.keep_last, seq_len=cfg.seq_len, compile=cfg.compile)
+    return run_training(model, optimizer, plan, train_loader, val_loader, ctx=ctx, out_dir=out_dir,
+                        lineage=lineage, run_config=cfg.to_dict(), resume=resume, observer=observer)
 
+
+def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, train_loader: BatchSource,
+                 val_loader: BatchSource | None, *, ctx: DistContext, out_dir: Path, lineage: dict[str, Any],
+                 run_config: dict[str, Any], resume: bool = False,
+                 observer: TrainingObserver | None = None) -> TrainResult:
+    """The optimisation loop shared by pretraining and fine-tuning, from resume to the last checkpoint.
+
+    Every rank calls it with identical weights; rank 0 writes metrics.jsonl and the checkpoints.
+    With `resume`, the newest complete checkpoint in `out_dir` replaces the weights, optimizer,
+    loader position and RNG states first, so the run continues as if never interrupted.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lineage = dict(lineage)
     start_step, resumed_from, initial_val_loss, tokens_seen = 0, None, None, 0
     found = latest_checkpoint(out_dir, map_location=ctx.device) if resume else None
     if found is not None:
@@ -211,9 +269,14 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
         start_step = payload["step"] + 1
         initial_val_loss = payload["metrics"].get("initial_val_loss")
         tokens_seen = payload["metrics"].get("tokens_seen", 0)
+        data_version = lineage.get("data_version")
         if payload["lineage"].get("data_version") != data_version and ctx.is_main:
             print(f"warning: {resumed_from} was trained on data version {payload['lineage'].get('data_version')}, "
                   f"resuming on {data_version}", file=sys.stderr)
+        saved_parent, parent = payload["lineage"].get("parent_checkpoint"), lineage.get("parent_checkpoint")
+        if saved_parent != parent:  # the lineage would name a checkpoint these weights do not descend from
+            raise CheckpointError(f"{resumed_from} descends from {saved_parent}, not {parent}: resume from the "
+                                  f"same parent, or write the new run to another folder")
         lineage["resumed_from"] = str(resumed_from)
         if ctx.is_main:
             print(f"resuming from {resumed_from} at step {start_step}", flush=True)
@@ -221,69 +284,74 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
         print(f"no checkpoint in {out_dir}; starting from scratch", flush=True)
 
     run_model: torch.nn.Module = model
-    if cfg.compile:
+    if plan.compile:
         run_model = torch.compile(run_model)
     if ctx.is_distributed:
         run_model = DDP(run_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
 
+    max_steps = plan.max_steps
     metrics_path = out_dir / METRICS_FILE
     # A resumed run rewrites the log from its checkpoint on; resuming a finished run changes nothing.
-    keep_through = None if resumed_from is None else (start_step - 1 if start_step < cfg.max_steps else cfg.max_steps)
+    keep_through = None if resumed_from is None else (start_step - 1 if start_step < max_steps else max_steps)
     log = MetricsLog(metrics_path, keep_through) if ctx.is_main else None
-    display = ProgressDisplay(ctx.is_main, cfg.max_steps, start_step)
+    display = ProgressDisplay(ctx.is_main, max_steps, start_step)
     peak = peak_flops(ctx.device_type) if ctx.is_main else None
-    flops_per_token = model.flops_per_token(cfg.seq_len)
+    flops_per_token = model.flops_per_token(plan.seq_len)
     result = TrainResult(out_dir=out_dir, metrics_path=metrics_path, resumed_from=resumed_from, lineage=lineage)
     loss_value = val_loss = None
 
-    for step in range(start_step, cfg.max_steps):
+    for step in range(start_step, max_steps):
         step_started = time.perf_counter()
         record: dict[str, Any] = {"step": step}
-        if step % cfg.val_every == 0:
-            val_loss = evaluate_val_loss(run_model, val_loader, cfg.val_steps, ctx)
+        if val_loader is not None and step % plan.val_every == 0:
+            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx)
             record["val_loss"] = val_loss
             if step == 0:
                 initial_val_loss = val_loss
 
         loss_accum = torch.zeros((), device=ctx.device)
-        for micro_step in range(grad_accum):
+        step_tokens = 0
+        for micro_step in range(plan.grad_accum):
             x, y = (t.to(ctx.device) for t in train_loader.next_batch())
+            # Every rank's batch has the same shape, so the step's token count needs no communication.
+            step_tokens += x.numel() * ctx.world_size
             # Gradients are averaged across ranks only on the last micro-step.
-            sync = micro_step == grad_accum - 1 or not ctx.is_distributed
+            sync = micro_step == plan.grad_accum - 1 or not ctx.is_distributed
             with (contextlib.nullcontext() if sync else run_model.no_sync()), autocast_context(ctx):
                 _, loss = run_model(x, y, return_logits=False)
-                loss = loss / grad_accum
+                loss = loss / plan.grad_accum
             loss_accum += loss.detach()
             loss.backward()
         loss_value = mean_across_ranks(loss_accum, ctx).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        lr = cosine_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                       max_steps=cfg.max_steps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip).item()
+        lr = plan.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ctx.device_type == "cuda":
             torch.cuda.synchronize()
-        tokens_seen += cfg.total_batch_size
+        tokens_seen += step_tokens
 
         dt = time.perf_counter() - step_started
-        tokens_per_sec = cfg.total_batch_size / dt
+        tokens_per_sec = step_tokens / dt
         record.update(loss=loss_value, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
                       mfu=(flops_per_token * tokens_per_sec / (peak * ctx.world_size)) if peak else 0.0,
                       tokens_seen=tokens_seen)
+        if plan.progress is not None:
+            record.update(plan.progress())
         if log is not None:
             log.write(record)
             display.update(record)
             if observer is not None:
                 observer.on_step(record)
 
-        last_step = step == cfg.max_steps - 1
-        if last_step:
-            val_loss = evaluate_val_loss(run_model, val_loader, cfg.val_steps, ctx)
-        if (step + 1) % cfg.checkpoint_every == 0 or last_step:
+        last_step = step == max_steps - 1
+        if last_step and val_loader is not None:
+            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx)
+        if (step + 1) % plan.checkpoint_every == 0 or last_step:
             rng_states = gather_to_all(capture_rng_state(), ctx)  # a collective: every rank joins
             rank_fingerprints = gather_to_all(weights_fingerprint(model), ctx)
             if len(set(rank_fingerprints)) > 1:
@@ -291,23 +359,22 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
             if ctx.is_main:
                 path = save_checkpoint(
                     out_dir / checkpoint_name(step), model, step=step, optimizer=optimizer,
-                    train_config=cfg.to_dict(), loader_state=train_loader.state_dict(), rng_states=rng_states,
+                    train_config=run_config, loader_state=train_loader.state_dict(), rng_states=rng_states,
                     lineage={**lineage, "tokens_seen": tokens_seen},
                     metrics={"train_loss": loss_value, "val_loss": val_loss, "initial_val_loss": initial_val_loss,
                              "tokens_seen": tokens_seen, "rank_weight_fingerprints": rank_fingerprints})
-                prune_checkpoints(out_dir, cfg.keep_last)
+                prune_checkpoints(out_dir, plan.keep_last)
                 result.final_checkpoint = path
                 if observer is not None:
                     observer.on_checkpoint(path, step)
-        if last_step and log is not None:
-            log.write({"step": cfg.max_steps, "val_loss": val_loss})
+        if last_step and log is not None and val_loss is not None:
+            log.write({"step": max_steps, "val_loss": val_loss})
 
     display.close()
     if log is not None:
         log.close()
     result.final_val_loss, result.initial_val_loss = val_loss, initial_val_loss
     result.final_train_loss, result.tokens_seen = loss_value, tokens_seen
-    result.wall_seconds = time.perf_counter() - started
     if result.final_checkpoint is None and ctx.is_main:
         found = latest_checkpoint(out_dir)  # the run was already complete
         result.final_checkpoint = found[0] if found else None
@@ -326,19 +393,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@record
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = train(cfg, args.out, args.data, resume=args.resume)
-    except (ShardError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"checkpoints: {result.out_dir}")
-        print(f"final checkpoint: {result.final_checkpoint}")
-        print(f"metrics: {result.metrics_path}")
-        if result.final_val_loss is not None:
-            print(f"val loss: {result.initial_val_loss} -> {result.final_val_loss}")
+    run_training_entrypoint(
+        lambda observer: train(config_from_args(args), args.out, args.data, resume=args.resume, observer=observer),
+        user_errors=(ShardError, CheckpointError, ValueError), stage="pretrain")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,296 @@
+"""Fine-tune a pretrained GPT-2 on instruction data; meant to be launched by torchrun.
+
+    torchrun --standalone --nproc_per_node=2 -m nanogpt_core.finetune --profile micro \\
+        --init CHECKPOINT_OR_RUN_DIR --out RUN_DIR [--data FILE_OR_PREPARED_DIR] [--resume]
+
+`--init` is a checkpoint, or a run folder whose newest checkpoint is used. `--data` is a
+Dolly-style JSON-lines file (or folder of them), or a folder prepared with
+`python -m nanogpt_core.data.instructions`; without it the profile's source is used (micro
+and demo: the offline chatterbot conversations; gpt2-124m: databricks-dolly-15k). Files are
+prepared into RUN_DIR/data first.
+
+The loss covers response tokens only (see nanogpt_core.data.instructions). The run goes for
+a number of epochs with its own warmup and cosine schedule, evaluates on the held-out split,
+and writes checkpoints in the pretraining format whose lineage names the parent checkpoint.
+`--resume` continues bit for bit, as pretraining does. Every FinetuneConfig field can be
+overridden (`--help` lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from nanogpt_core.checkpoint import CheckpointError, latest_checkpoint, model_config_of, read_checkpoint
+from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
+                                            is_prepared_folder, prepare_from_source)
+from nanogpt_core.distributed import DistContext, setup_distributed, teardown_distributed
+from nanogpt_core.lineage import code_version, git_commit
+from nanogpt_core.model import GPT
+from nanogpt_core.pipes_bridge import run_training_entrypoint
+from nanogpt_core.schedule import cosine_lr
+from nanogpt_core.train import LoopPlan, TrainingObserver, TrainResult, configure_backend, run_training
+
+PREPARED_DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    profile: str = "custom"
+    data_source: str = "demo"  # demo | local | dolly, when no --data is given
+    context_length: int = 0  # longest example in tokens; 0 means the model's block_size
+    # duration: whole epochs over the train split, unless max_steps caps it
+    epochs: int = 2
+    max_steps: int = 0
+    # batch: examples per optimizer step (all processes together), reached by accumulating
+    # micro-batches of micro_batch_size examples per process
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    # schedule: linear warmup over a fraction of the steps, then cosine decay to min_lr
+    max_lr: float = 2e-5
+    min_lr: float = 2e-6
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    # evaluation and checkpoints
+    val_fraction: float = 0.05
+    val_every: int = 100
+    val_steps: int = 0  # 0: the whole val split
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    # reproducibility and hardware
+    seed: int = 1337
+    device: str = "auto"
+    threads: int = 0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_source not in SOURCES:
+            raise ValueError(f"data_source must be one of {', '.join(SOURCES)}, got {self.data_source!r}")
+        for name in ("epochs", "batch_size", "micro_batch_size", "val_every", "checkpoint_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "val_steps", "context_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1], got {self.warmup_fraction}")
+        if self.min_lr > self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) exceeds max_lr ({self.max_lr})")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_micro_step = self.micro_batch_size * world_size
+        if self.batch_size % per_micro_step != 0:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x processes "
+                             f"({self.micro_batch_size} x {world_size} = {per_micro_step})")
+        return self.batch_size // per_micro_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": "finetune", **dataclasses.asdict(self)}
+
+
+FINETUNE_PROFILES: dict[str, FinetuneConfig] = {
+    # The test suite and the micro DAG: 40 steps of the chatterbot conversations, seconds on a CPU.
+    "micro": FinetuneConfig(
+        profile="micro", data_source="demo", epochs=1, max_steps=40, batch_size=8, micro_batch_size=4,
+        max_lr=3e-3, min_lr=3e-4, warmup_fraction=0.1, dropout=0.0,
+        val_every=20, val_steps=4, checkpoint_every=20, keep_last=3),
+    # The README's main command: one epoch of the chatterbot conversations, minutes on a 2-core CPU.
+    # The demo model has seen little text, so it takes a pretraining-sized learning rate.
+    "demo": FinetuneConfig(
+        profile="demo", data_source="demo", epochs=1, batch_size=16, micro_batch_size=8,
+        max_lr=5e-4, min_lr=5e-5, warmup_fraction=0.05, dropout=0.0,
+        val_every=50, val_steps=0, checkpoint_every=100, keep_last=2),
+    # GPT-2 small on databricks-dolly-15k: the usual full fine-tuning recipe for a model this
+    # size (small learning rate, some dropout, no weight decay), two epochs, about 900 steps.
+    "gpt2-124m": FinetuneConfig(
+        profile="gpt2-124m", data_source="dolly", epochs=2, batch_size=32, micro_batch_size=16,
+        max_lr=2e-5, min_lr=2e-6, warmup_fraction=0.03, dropout=0.1,
+        val_every=100, val_steps=0, checkpoint_every=200, keep_last=2, compile=True),
+}
+
+
+def get_finetune_profile(name: str, **overrides: Any) -> FinetuneConfig:
+    """The named fine-tuning preset, with any fields replaced by `overrides`."""
+    if name not in FINETUNE_PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(FINETUNE_PROFILES)}")
+    unknown = set(overrides) - {f.name for f in fields(FinetuneConfig)}
+    if unknown:
+        raise ValueError(f"unknown fine-tuning config field(s): {', '.join(sorted(unknown))}")
+    return replace(FINETUNE_PROFILES[name], **overrides)
+
+
+def resolve_init_checkpoint(init: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to start from: `init` itself, or the newest complete one in a run folder."""
+    init = Path(init)
+    if init.is_dir():
+        found = latest_checkpoint(init)
+        if found is None:
+            raise CheckpointError(f"no checkpoint to fine-tune from in {init}")
+        return found
+    return init, read_checkpoint(init)
+
+
+def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: str | Path | None = None, *,
+             resume: bool = False, observer: TrainingObserver | None = None) -> TrainResult:
+    """Run (or resume) fine-tuning; every rank calls this, rank 0 writes the files.
+
+    `data`: a prepared instruction folder, a Dolly-style JSON-lines file or folder, or None
+    for the profile's source.
+    """
+    started = time.perf_counter()
+    ctx = setup_distributed(cfg.device)
+    try:
+        result = _finetune(cfg, Path(init), Path(out_dir), None if data is None else Path(data), resume,
+                           observer, ctx)
+    except BaseException:
+        teardown_distributed(after_error=True)
+        raise
+    teardown_distributed()
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _finetune(cfg: FinetuneConfig, init: Path, out_dir: Path, data: Path | None, resume: bool,
+              observer: TrainingObserver | None, ctx: DistContext) -> TrainResult:
+    configure_backend(cfg, ctx)
+    grad_accum = cfg.grad_accum_steps(ctx.world_size)
+    init_path, init_payload = resolve_init_checkpoint(init)
+    if init_path.parent.resolve() == out_dir.resolve():
+        raise ValueError(f"--out {out_dir} holds the checkpoint being fine-tuned; write the fine-tuned run elsewhere")
+    model_config = replace(model_config_of(init_payload, init_path), dropout=cfg.dropout)
+    context_length = cfg.context_length or model_config.block_size
+    if context_length > model_config.block_size:
+        raise ValueError(f"context_length ({context_length}) exceeds the model's block_size "
+                         f"({model_config.block_size})")
+
+    data_dir = _prepared_data(cfg, data, out_dir, context_length, ctx)
+    train_loader = InstructionLoader(data_dir, "train", cfg.micro_batch_size, ctx.rank, ctx.world_size,
+                                     seed=cfg.seed, shuffle=True, pad_to_context=cfg.compile)
+    manifest: InstructionManifest = train_loader.manifest
+    if manifest.context_length > model_config.block_size:
+        raise InstructionDataError(f"{data_dir} was prepared for {manifest.context_length}-token examples, longer "
+                                   f"than the model's block_size ({model_config.block_size})")
+    val_loader = None
+    if manifest.examples["val"]:
+        val_loader = InstructionLoader(data_dir, "val", cfg.micro_batch_size, ctx.rank, ctx.world_size,
+                                       shuffle=False, pad_to_context=cfg.compile)
+
+    max_steps = cfg.max_steps or cfg.epochs * train_loader.windows_per_epoch // grad_accum
+    if max_steps == 0:
+        raise InstructionDataError(f"{data_dir} has too few train examples ({manifest.examples['train']}) for one "
+                                   f"step of {cfg.batch_size} examples")
+    warmup_steps = min(max_steps, math.ceil(cfg.warmup_fraction * max_steps))
+
+    model = GPT(model_config)
+    try:
+        model.load_state_dict(init_payload["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {init_path} does not fit its own model config: {e}") from e
+    model.to(ctx.device)
+    # Dropout masks should differ between ranks, which see different examples.
+    torch.manual_seed(cfg.seed + ctx.rank)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.max_lr, ctx.device_type)
+
+    lineage = {
+        "stage": "finetune",
+        "profile": cfg.profile,
+        "data_dir": str(data_dir.resolve()),
+        "data_version": manifest.data_version,
+        "data_source": manifest.source,
+        "code_version": code_version(),
+        "git_commit": git_commit(),
+        "parent_checkpoint": str(init_path.resolve()),
+        "parent_step": init_payload["step"],
+        "parent_data_version": init_payload["lineage"].get("data_version"),
+        "parent_code_version": init_payload["lineage"].get("code_version"),
+        "world_size": ctx.world_size,
+    }
+    plan = LoopPlan(
+        max_steps=max_steps, grad_accum=grad_accum, grad_clip=cfg.grad_clip,
+        lr_at=functools.partial(cosine_lr, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps,
+                                max_steps=max_steps),
+        val_every=cfg.val_every,
+        val_steps=cfg.val_steps or (val_loader.windows_per_epoch if val_loader is not None else 0),
+        checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, seq_len=context_length,
+        compile=cfg.compile, progress=train_loader.progress)
+    if ctx.is_main:
+        print(f"fine-tuning {init_path} on {manifest.examples['train']} examples ({manifest.source.get('kind')}, "
+              f"data version {manifest.data_version}; skipped {manifest.skipped or 'none'}) for {max_steps} steps",
+              flush=True)
+    return run_training(model, optimizer, plan, train_loader, val_loader, ctx=ctx, out_dir=out_dir,
+                        lineage=lineage, run_config={**cfg.to_dict(), "resolved_max_steps": max_steps},
+                        resume=resume, observer=observer)
+
+
+def _prepared_data(cfg: FinetuneConfig, data: Path | None, out_dir: Path, context_length: int,
+                   ctx: DistContext) -> Path:
+    """A prepared instruction folder: `data` itself, or one rank 0 prepares in the run folder."""
+    if data is not None and is_prepared_folder(data):
+        return data
+    prepared = out_dir / PREPARED_DATA_DIR
+    if ctx.is_main:
+        source, path = ("local", data) if data is not None else (cfg.data_source, None)
+        prepare_from_source(source, prepared, path=path, context_length=context_length,
+                            val_fraction=cfg.val_fraction)
+    if ctx.is_distributed:
+        dist.barrier()  # the other ranks read what rank 0 just wrote
+    return prepared
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nanogpt_core.finetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--profile", default=os.environ.get("NANOGPT_PROFILE", "demo"),
+                        help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
+    parser.add_argument("--init", required=True, help="checkpoint to start from, or a run folder (its newest)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, prepared data")
+    parser.add_argument("--data", help="Dolly-style .jsonl file or folder, or a prepared instruction folder "
+                                       "(default: the profile's source)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    hints = get_type_hints(FinetuneConfig)
+    group = parser.add_argument_group("config overrides (default: the profile's value)")
+    for f in fields(FinetuneConfig):
+        if f.name != "profile":
+            kind = hints[f.name]
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
+                               type=_parse_bool if kind is bool else kind)
+    return parser
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+
+    def run(observer):
+        overrides = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
+                     if f.name != "profile" and getattr(args, f.name) is not None}
+        cfg = get_finetune_profile(args.profile, **overrides)
+        return finetune(cfg, args.init, args.out, args.data, resume=args.resume, observer=observer)
+
+    run_training_entrypoint(run, user_errors=(InstructionDataError, CheckpointError, ValueError), stage="finetune")
+
+
+if __name__ == "__main__":
+    main()

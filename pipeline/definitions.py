@@ -1,0 +1,25 @@
+"""The Dagster code location: `dagster dev -w workspace.yaml` or `-m pipeline.definitions`."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipeline.assets.data import dolly_prompts, raw_fineweb, token_shards
+from pipeline.assets.deployment import deployed_model, hellaswag_scores
+from pipeline.assets.training import finetuned_checkpoint, pretrained_checkpoint
+from pipeline.automation import new_raw_text, retokenize_job, retrain_job, weekly_retraining
+from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
+from pipeline.resources import ArtifactStore
+
+defs = dg.Definitions(
+    assets=[raw_fineweb, token_shards, dolly_prompts, pretrained_checkpoint, finetuned_checkpoint,
+            hellaswag_scores, deployed_model],
+    asset_checks=[shards_are_valid, dolly_prompts_are_valid],
+    jobs=[retrain_job, retokenize_job],
+    schedules=[weekly_retraining],
+    sensors=[new_raw_text],
+    resources={
+        "artifacts": ArtifactStore(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    },
+)
