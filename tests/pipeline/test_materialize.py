@@ -7,6 +7,7 @@ import json
 import dagster as dg
 import pytest
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContextForTest
 
 from nanogpt_core.checkpoint import read_checkpoint
 from pipeline.definitions import defs
@@ -29,7 +30,8 @@ def materialize(selection: str | list[str], instance, artifacts_root, **config) 
 
 
 def stale_status(instance, asset: str) -> StaleStatus:
-    return CachingStaleStatusResolver(instance, defs.resolve_asset_graph()).get_status(dg.AssetKey(asset))
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    return resolver.get_status(dg.AssetKey(asset))
 
 
 def test_definitions_load_and_every_asset_has_group_kinds_and_code_version():
