@@ -1,0 +1,79 @@
+"""`python -m serving` / `nanogpt-serve`: serve a checkpoint or a deployment manifest over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serving.manifest import DEFAULT_MODEL_ID, ManifestError, read_manifest
+from serving.settings import API_KEYS_ENV, ServerSettings, SettingsError, collect_api_keys, parse_key_list
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanogpt-serve",
+        description="OpenAI-compatible API and web chat for a nanogpt-pipeline checkpoint.",
+        epilog=f"API keys come from ${API_KEYS_ENV} (comma-separated) and/or --api-key-file. "
+               "Without any key the server only listens on a loopback address.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="serve this model_*.pt file")
+    source.add_argument("--manifest", type=Path,
+                        help="serve the deployment this manifest names, and follow it when it changes")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
+                        help="alias for a bare --checkpoint (a manifest names its own)")
+    parser.add_argument("--cors-origins", default="*",
+                        help="comma-separated origins allowed to call the API from a browser; '' for none")
+    parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together per step")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 503")
+    parser.add_argument("--default-max-tokens", type=int, default=512,
+                        help="completion length when a request gives none")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest checks")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise SettingsError(f"checkpoint {args.checkpoint} does not exist")
+    if args.manifest is not None:
+        try:
+            read_manifest(args.manifest)
+        except ManifestError as e:
+            raise SettingsError(str(e)) from None
+    return ServerSettings(
+        checkpoint=args.checkpoint, manifest=args.manifest, host=args.host, port=args.port,
+        api_keys=collect_api_keys(args.api_key_file), model_id=args.model_id,
+        cors_origins=tuple(parse_key_list(args.cors_origins)), max_batch=args.max_batch,
+        max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, threads=args.threads,
+        device=args.device, poll_interval_s=args.poll_interval)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as e:
+        sys.exit(f"nanogpt-serve: {e}")
+    if not settings.requires_auth:
+        print(f"nanogpt-serve: no API key configured, so the API is open: listening on {settings.host} "
+              f"(loopback) only. Set {API_KEYS_ENV} or --api-key-file to serve other hosts.",
+              file=sys.stderr, flush=True)
+
+    import uvicorn
+
+    from serving.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Which model the server is serving, and switching to a new deployment without failing a request.
+
+A `ServedModel` is a loaded checkpoint with its own engine. The `ModelRegistry` holds the
+current one; `install` makes a new one current in a single assignment, so every request
+that arrives afterwards goes to the new engine, while the old engine stops taking work,
+finishes the requests it already accepted, and is then let go. The `ManifestWatcher`
+polls the deployment manifest and installs each new deployment it names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
+from serving.engine import Engine, EngineMetrics
+from serving.errors import model_not_found
+from serving.kv_decoder import BatchDecoder
+from serving.manifest import Manifest, ManifestError, read_manifest
+from serving.schemas import ModelCard
+from serving.settings import ServerSettings
+
+log = logging.getLogger("serving.deployments")
+
+
+@dataclass
+class ServedModel:
+    model_id: str  # the stable alias, e.g. "nanogpt"
+    checkpoint_name: str  # e.g. "model_00599.pt"; also accepted as a model name
+    checkpoint_path: str
+    engine: Engine
+    context_length: int
+    created: int
+    step: int | None = None
+    deployment_id: str | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] | None = None
+    deployed_at: str | None = None
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.model_id, self.checkpoint_name
+
+    def card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.created, checkpoint=self.checkpoint_name,
+                         context_length=self.context_length, deployment_id=self.deployment_id,
+                         lineage={"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
+                         scores=self.scores, deployed_at=self.deployed_at)
+
+
+def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
+                      metrics: EngineMetrics | None = None, manifest: Manifest | None = None) -> ServedModel:
+    """Load a checkpoint and start an engine for it."""
+    path = Path(checkpoint_path)
+    started = time.monotonic()
+    model, payload = load_checkpoint(path, map_location=settings.device)
+    model.eval()
+    decoder = BatchDecoder(model, settings.max_batch)
+    del model  # the decoder keeps its own copies of the weights it needs
+    name = manifest.checkpoint_name if manifest else path.name
+    engine = Engine(decoder, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
+                    metrics=metrics, name=name).start()
+    log.info("loaded %s in %.1f s", path, time.monotonic() - started)
+    lineage = dict(payload.get("lineage") or {})
+    if payload.get("metrics"):
+        lineage.setdefault("metrics", payload["metrics"])
+    if manifest is not None:
+        lineage.update(manifest.lineage)
+    return ServedModel(
+        model_id=manifest.model_id if manifest else settings.model_id,
+        checkpoint_name=name,
+        checkpoint_path=str(path.resolve()),
+        engine=engine,
+        context_length=decoder.max_len,
+        created=_timestamp(payload.get("created")) or int(path.stat().st_mtime),
+        step=payload.get("step"),
+        deployment_id=manifest.deployment_id if manifest else None,
+        lineage=lineage,
+        scores=manifest.scores if manifest else None,
+        deployed_at=manifest.deployed_at if manifest else None,
+    )
+
+
+def _timestamp(iso: Any) -> int | None:
+    try:
+        return int(datetime.fromisoformat(str(iso)).timestamp())
+    except ValueError:
+        return None
+
+
+class ModelRegistry:
+
+    def __init__(self, current: ServedModel):
+        self._current = current
+        self._retiring: list[ServedModel] = []
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ServedModel:
+        return self._current
+
+    def resolve(self, name: str | None) -> ServedModel:
+        current = self._current
+        if name is None or name in current.names:
+            return current
+        raise model_not_found(name)
+
+    def engines(self) -> list[Engine]:
+        with self._lock:
+            return [self._current.engine, *(m.engine for m in self._retiring)]
+
+    def install(self, new: ServedModel) -> None:
+        with self._lock:
+            old, self._current = self._current, new
+            self._retiring.append(old)
+        log.info("now serving %s (was %s); the old engine finishes its requests", new.checkpoint_name,
+                 old.checkpoint_name)
+        old.engine.close()
+        threading.Thread(target=self._forget_when_drained, args=(old,), daemon=True).start()
+
+    def _forget_when_drained(self, old: ServedModel) -> None:
+        old.engine.drained.wait()
+        with self._lock:
+            self._retiring.remove(old)
+        old.engine.decoder = None  # the weights and cache can go now
+        log.info("released %s", old.checkpoint_name)
+
+    def shutdown(self) -> None:
+        for engine in self.engines():
+            engine.stop()
+
+
+class ManifestWatcher:
+    """Polls the manifest and installs each new deployment it names.
+
+    A manifest that cannot be read, or a checkpoint that fails to load, is logged and the
+    current model stays; the same file is not retried until it changes again.
+    """
+
+    def __init__(self, path: Path, registry: ModelRegistry, settings: ServerSettings,
+                 metrics: EngineMetrics | None = None, on_swap: Callable[[], None] | None = None):
+        self.path = path
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.on_swap = on_swap
+        self._seen: tuple | None = None  # first poll compares the manifest with what is loaded
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="manifest-watcher", daemon=True)
+
+    def start(self) -> ManifestWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval_s):
+            signature = self._signature()
+            if signature is None or signature == self._seen:
+                continue
+            self._seen = signature
+            try:
+                self.check_now()
+            except Exception:
+                log.exception("could not follow the deployment manifest %s", self.path)
+
+    def check_now(self) -> bool:
+        """Install the manifest's deployment if it differs from the current one; True if it did."""
+        try:
+            manifest = read_manifest(self.path)
+        except ManifestError as e:
+            log.error("ignoring manifest change: %s", e)
+            return False
+        current = self.registry.current
+        if (manifest.deployment_id == current.deployment_id
+                and str(Path(manifest.checkpoint_path).resolve()) == current.checkpoint_path):
+            return False
+        log.info("deployment %s names %s; loading it beside %s", manifest.deployment_id,
+                 manifest.checkpoint_name, current.checkpoint_name)
+        try:
+            new = load_served_model(manifest.checkpoint_path, self.settings, metrics=self.metrics,
+                                    manifest=manifest)
+        except (CheckpointError, OSError) as e:
+            log.error("keeping %s: deployment %s failed to load: %s", current.checkpoint_name,
+                      manifest.deployment_id, e)
+            return False
+        self.registry.install(new)
+        if self.on_swap is not None:
+            self.on_swap()
+        return True
+
+
+def initial_model(settings: ServerSettings, metrics: EngineMetrics | None = None) -> ServedModel:
+    if settings.manifest is not None:
+        manifest = read_manifest(settings.manifest)
+        return load_served_model(manifest.checkpoint_path, settings, metrics=metrics, manifest=manifest)
+    return load_served_model(settings.checkpoint, settings, metrics=metrics)

@@ -1,0 +1,335 @@
+"""The inference engine: one thread that decodes every running request together, step by step.
+
+Requests wait in a bounded queue. Between decode steps the engine prefills up to
+`prefill_chunk` prompt tokens of waiting requests whose samples fit in the free slots:
+several short prompts at once, or the next chunk of a long one, so that a long prompt
+delays the running streams by one chunk per step rather than by the whole prompt. A
+request whose prompt is done joins the batch. Each step runs one batched forward pass for
+all running samples, picks each one's next token, and hands the new text to the request's
+asyncio queue. A sample leaves the batch as soon as it ends or its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from nanogpt_core.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from serving.kv_decoder import BatchDecoder
+from serving.sampling import SampledToken, SamplingParams, generator_for, sample_token
+from serving.text_stream import TextStream
+
+log = logging.getLogger("serving.engine")
+
+
+class QueueFull(Exception):
+    """The engine's queue is at its limit; the client should retry later."""
+
+
+class EngineClosed(Exception):
+    """The engine is draining for a swap (or shutting down) and takes no new requests."""
+
+
+class EngineFailed(Exception):
+    """The engine hit an internal error while running this request."""
+
+
+class EngineMetrics(Protocol):
+    def observe_time_to_first_token(self, seconds: float) -> None: ...
+    def add_completion_tokens(self, n: int) -> None: ...
+
+
+@functools.lru_cache(maxsize=1)
+def token_bytes_table() -> tuple[bytes, ...]:
+    enc = get_tokenizer()
+    return tuple(enc.decode_single_token_bytes(i) for i in range(VOCAB_SIZE))
+
+
+@dataclass
+class ChoiceEvent:
+    """New output of one sample: text that is final, the tokens behind it, and maybe its end."""
+
+    index: int
+    text: str
+    tokens: list[SampledToken] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+_ids = itertools.count()
+
+
+class Generation:
+    """A request's `n` samples of one prompt, as the API handler sees them.
+
+    The engine thread posts `ChoiceEvent`s (or an exception) onto `events`, an asyncio
+    queue of the handler's event loop. `cancel()` is safe from any thread.
+    """
+
+    def __init__(self, prompt_tokens: list[int], params: SamplingParams, n: int = 1,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.id = next(_ids)
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.n = n
+        self.loop = loop or asyncio.get_running_loop()
+        self.events: asyncio.Queue[ChoiceEvent | BaseException] = asyncio.Queue()
+        self.cancelled = False
+        self.completion_tokens = 0
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._engine: Engine | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._engine is not None:
+            self._engine.wake()
+
+    async def stream(self):
+        """The events in order until every sample has finished; an engine error is raised."""
+        remaining = self.n
+        while remaining:
+            item = await self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+    def post(self, item: ChoiceEvent | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the handler's loop has closed: nobody is listening any more
+            pass
+
+
+class _Sequence:
+    """One sample of a generation while it runs in the batch."""
+
+    def __init__(self, generation: Generation, index: int):
+        self.generation = generation
+        self.index = index
+        params = generation.params
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        self.generator = generator_for(seed, index)
+        self.text = TextStream(params.stop)
+        self.counts: Counter[int] = Counter()
+        self.generated = 0
+        self.next_input = -1
+        self.finished = False
+
+    def accept(self, sampled: SampledToken, token_bytes: tuple[bytes, ...]) -> None:
+        gen = self.generation
+        self.generated += 1
+        gen.completion_tokens += 1
+        if sampled.token == EOT_TOKEN:
+            self._emit(self.text.finish(), [], "stop")
+            return
+        self.counts[sampled.token] += 1
+        text = self.text.push(token_bytes[sampled.token])
+        if self.text.stopped:
+            self._emit(text, [sampled], "stop")
+        elif self.generated >= gen.params.max_tokens:
+            self._emit(text + self.text.finish(), [sampled], "length")
+        else:
+            self.next_input = sampled.token
+            if text or gen.params.logprobs:
+                self._emit(text, [sampled], None)
+
+    def _emit(self, text: str, tokens: list[SampledToken], finish_reason: str | None) -> None:
+        if finish_reason is not None:
+            self.finished = True
+        self.generation.post(ChoiceEvent(self.index, text, tokens, finish_reason))
+
+
+class Engine:
+    """Owns a `BatchDecoder` and the thread that drives it."""
+
+    def __init__(self, decoder: BatchDecoder, *, max_queue: int = 64, prefill_chunk: int = 256,
+                 metrics: EngineMetrics | None = None, name: str = "engine"):
+        self.decoder = decoder
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self.name = name
+        self._token_bytes = token_bytes_table()
+        self._pending: deque[Generation] = deque()
+        self._active: list[_Sequence] = []  # index = decoder slot
+        self._prefilling: Generation | None = None
+        self._prefilled = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"nanogpt-{name}", daemon=True)
+        self.drained = threading.Event()
+
+    # --- called from the API side -----------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, generation: Generation) -> None:
+        if generation.n > self.decoder.max_batch:
+            raise ValueError(f"n={generation.n} exceeds the batch size {self.decoder.max_batch}")
+        with self._cond:
+            if self._closing or self._stopping:
+                raise EngineClosed(self.name)
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(self.name)
+            generation._engine = self
+            self._pending.append(generation)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Take no new requests; finish those already accepted, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop now: requests still queued or running get an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._active)
+
+    # --- the engine thread ------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._prefilling or self._active)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._has_work() and not self._stopping:
+                        if self._closing:
+                            return
+                        self._cond.wait(0.5)
+                    if self._stopping:
+                        return
+                try:
+                    with torch.inference_mode():
+                        self._step()
+                except Exception as exc:
+                    log.exception("%s: generation step failed", self.name)
+                    self._fail_running(EngineFailed(f"the engine failed: {exc}"))
+        finally:
+            self._fail_all(EngineClosed(f"{self.name} stopped"))
+            self.drained.set()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._advance_prefill()
+        if self._active:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            if any(g.cancelled for g in self._pending):
+                self._pending = deque(g for g in self._pending if not g.cancelled)
+        for slot in reversed(range(len(self._active))):
+            if self._active[slot].generation.cancelled:
+                self._retire(slot)
+
+    def _advance_prefill(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens: several short prompts, or part of a long one."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None and not self._admit():
+                return
+            gen = self._prefilling
+            if gen.cancelled:
+                self._prefilling = None
+                continue
+            chunk = gen.prompt_tokens[self._prefilled:self._prefilled + budget]
+            logits = self.decoder.prefill(self.decoder.staging_slot, chunk)
+            self._prefilled += len(chunk)
+            budget -= len(chunk)
+            if self._prefilled == len(gen.prompt_tokens):
+                self._prefilling = None
+                self._start_samples(gen, logits.cpu())
+
+    def _admit(self) -> bool:
+        with self._cond:
+            if not self._pending or self.decoder.free_slots < self._pending[0].n:
+                return False
+            self._prefilling = self._pending.popleft()
+        self._prefilled = 0
+        self.decoder.clear(self.decoder.staging_slot)
+        return True
+
+    def _start_samples(self, gen: Generation, logits: torch.Tensor) -> None:
+        for index in range(gen.n):
+            slot = self.decoder.allocate(copy_from=self.decoder.staging_slot)
+            seq = _Sequence(gen, index)
+            self._active.append(seq)
+            assert len(self._active) == slot + 1
+            self._sample(seq, logits)
+        gen.first_token_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe_time_to_first_token(gen.first_token_at - gen.submitted_at)
+        for slot in reversed(range(len(self._active))):
+            if self._active[slot].finished:
+                self._retire(slot)
+
+    def _decode(self) -> None:
+        # Sampling runs on the CPU, where each sample's generator lives.
+        logits = self.decoder.decode([seq.next_input for seq in self._active]).cpu()
+        for seq, row in zip(self._active, logits, strict=True):
+            self._sample(seq, row)
+        if self.metrics is not None:
+            self.metrics.add_completion_tokens(len(self._active))
+        for slot in reversed(range(len(self._active))):
+            if self._active[slot].finished:
+                self._retire(slot)
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        seq.accept(sample_token(logits, seq.generation.params, seq.generator, seq.counts), self._token_bytes)
+
+    def _retire(self, slot: int) -> None:
+        moved = self.decoder.release(slot)
+        if moved is not None:
+            self._active[slot] = self._active[moved]
+        self._active.pop()
+
+    def _fail_running(self, error: BaseException) -> None:
+        failed = {id(seq.generation): seq.generation for seq in self._active}
+        if self._prefilling is not None:
+            failed[id(self._prefilling)] = self._prefilling
+        for gen in failed.values():
+            gen.post(error)
+        self._active.clear()
+        self._prefilling = None
+        if self.decoder is not None:
+            self.decoder.reset()
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_running(error)
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for gen in pending:
+            gen.post(error)

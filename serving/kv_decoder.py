@@ -1,0 +1,244 @@
+"""GPT-2's forward pass as the server runs it: a KV cache with one length per row.
+
+`nanogpt_core.model.GPT` shares one position counter across a batch, which suits a batch
+that starts and ends together. A server's batch changes between steps: a request joins
+with its own prompt length and leaves when it is done. Here every cache row (a "slot")
+has its own length, a prompt is prefilled into its slot on its own, and a decode step
+advances every active slot by one token in a single batched forward pass.
+
+Active slots are always 0..n_active-1. When a sequence leaves, the last active slot moves
+into its place, so every step reads the cache through plain views and copies nothing. A
+prompt is prefilled (in chunks, between decode steps) into one extra staging slot that
+decode steps never touch, then copied into as many active slots as it has samples.
+
+The weights are taken from a `GPT` once and laid out for matrix products with few rows.
+On a CPU every linear layer, the output layer included, runs through oneDNN with its
+weight reordered ahead of time for small batches (`torch.ops.mkldnn`, the kernels that
+torch.compile uses on CPUs); elsewhere, or where torch lacks oneDNN, `addmm` on a
+transposed copy does the same job. The output layer only covers the 50257 real
+vocabulary rows, so a padded id can never come out.
+
+Measured on a 2-core AMD EPYC with torch 2.13: an MLP matrix (3072 x 768) took 0.27 ms
+for one row and 0.45 ms for eight through oneDNN's reordered weight, against 0.40 and
+1.13 ms through MKL's `addmm`; the output layer took 5.5-8.5 ms for two to eight rows,
+against 12-18 ms as `W @ x.T` and more through `F.linear`. A single row is sent through
+the output layer twice, as a two-row product, which is faster than the one-row case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+
+
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class _Linear:
+    """y = x @ W.T + b, optionally followed by GELU (tanh form), for inputs of a few rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
+                 use_onednn: bool, batch_hint: int):
+        weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.gelu = gelu
+        self.use_onednn = use_onednn
+        if use_onednn:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+        else:
+            self.weight = weight.t().contiguous()  # (in, out): addmm reads it row by row
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.use_onednn:
+            if self.gelu:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else torch.mm(x, self.weight)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
+@dataclass
+class _LayerWeights:
+    ln_1_weight: torch.Tensor
+    ln_1_bias: torch.Tensor
+    attn: _Linear  # n_embd -> 3 * n_embd (q, k, v)
+    attn_proj: _Linear
+    ln_2_weight: torch.Tensor
+    ln_2_bias: torch.Tensor
+    fc: _Linear  # n_embd -> 4 * n_embd, GELU fused
+    mlp_proj: _Linear
+
+
+class BatchDecoder:
+    """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
+
+    def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None):
+        config: GPTConfig = model.config
+        self.config = config
+        self.max_batch = max_batch
+        self.max_len = min(max_len or config.block_size, config.block_size)
+        self.n_embd = config.n_embd
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.vocab_size = min(GPT2_VOCAB_SIZE, config.vocab_size)
+        t = model.transformer
+        self.wte = t.wte.weight.detach()
+        self.wpe = t.wpe.weight.detach()
+        if use_onednn is None:
+            use_onednn = onednn_available(self.wte.device, self.wte.dtype)
+        self.use_onednn = use_onednn
+        hint = max(2, max_batch)
+
+        def linear(layer: torch.nn.Linear, gelu: bool = False) -> _Linear:
+            return _Linear(layer.weight, layer.bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint)
+
+        self.lm_head = _Linear(model.lm_head.weight[: self.vocab_size], None, use_onednn=use_onednn,
+                               batch_hint=hint)
+        self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
+        self.eps = t.ln_f.eps
+        self.layers = [
+            _LayerWeights(
+                ln_1_weight=b.ln_1.weight.detach(), ln_1_bias=b.ln_1.bias.detach(),
+                attn=linear(b.attn.c_attn), attn_proj=linear(b.attn.c_proj),
+                ln_2_weight=b.ln_2.weight.detach(), ln_2_bias=b.ln_2.bias.detach(),
+                fc=linear(b.mlp.c_fc, gelu=True), mlp_proj=linear(b.mlp.c_proj),
+            )
+            for b in t.h
+        ]
+        dtype = self.wte.dtype
+        shape = (config.n_layer, max_batch + 1, self.n_head, self.max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=self.wte.device)
+        self.values = torch.zeros(shape, dtype=dtype, device=self.wte.device)
+        self.lengths = [0] * (max_batch + 1)  # positions stored per slot
+        self.staging_slot = max_batch
+        self.n_active = 0
+
+    # --- slot bookkeeping -------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - self.n_active
+
+    def allocate(self, copy_from: int | None = None) -> int:
+        """A new slot at the end of the active range: empty, or holding `copy_from`'s cache."""
+        if self.n_active >= self.max_batch:
+            raise RuntimeError("no free slot")
+        slot = self.n_active
+        self.n_active += 1
+        self.lengths[slot] = 0
+        if copy_from is not None:
+            self.copy_slot(copy_from, slot)
+        return slot
+
+    def clear(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def reset(self) -> None:
+        """Forget every slot (after a failed step, when the cache's state is unknown)."""
+        self.lengths = [0] * len(self.lengths)
+        self.n_active = 0
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Give `dst` the cached prompt of `src` (several samples of one prompt share a prefill)."""
+        n = self.lengths[src]
+        self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
+        self.values[:, dst, :, :n] = self.values[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def release(self, slot: int) -> int | None:
+        """Free a slot; returns the slot that moved into its place (its old index), if any."""
+        last = self.n_active - 1
+        moved = None
+        if slot != last:
+            self.copy_slot(last, slot)
+            moved = last
+        self.lengths[last] = 0
+        self.n_active -= 1
+        return moved
+
+    # --- forward passes ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Append `tokens` to a slot's cache; the logits after the last one, shape (vocab,)."""
+        start = self.lengths[slot]
+        T = len(tokens)
+        if start + T > self.max_len:
+            raise ValueError(f"{start + T} positions exceed the cache length {self.max_len}")
+        C, H, D = self.n_embd, self.n_head, self.head_dim
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.wte.device)
+        x = self.wte[idx] + self.wpe[start:start + T]
+        mask = None
+        if start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        for layer, w in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias, self.eps)
+            q, k, v = w.attn(h).split(C, dim=1)
+            q = q.view(T, H, D).transpose(0, 1)
+            self.keys[layer, slot, :, start:start + T] = k.view(T, H, D).transpose(0, 1)
+            self.values[layer, slot, :, start:start + T] = v.view(T, H, D).transpose(0, 1)
+            keys = self.keys[layer, slot, :, :start + T]
+            values = self.values[layer, slot, :, :start + T]
+            y = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                               attn_mask=mask, is_causal=mask is None)
+            y = y.squeeze(0).transpose(0, 1).reshape(T, C)
+            x = x + w.attn_proj(y)
+            x = x + self._mlp(x, w)
+        self.lengths[slot] = start + T
+        return self._logits(x[-1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each active slot (token i to slot i); logits (n_active, vocab)."""
+        B = self.n_active
+        if len(tokens) != B:
+            raise ValueError(f"{len(tokens)} tokens for {B} active slots")
+        lengths = self.lengths[:B]
+        if max(lengths) >= self.max_len:
+            raise ValueError("a slot's cache is full")
+        C, H, D = self.n_embd, self.n_head, self.head_dim
+        device = self.wte.device
+        idx = torch.tensor(tokens, dtype=torch.long, device=device)
+        pos = torch.tensor(lengths, dtype=torch.long, device=device)
+        span = max(lengths) + 1
+        x = self.wte[idx] + self.wpe[pos]
+        mask = None
+        if min(lengths) + 1 != span:  # rows of unequal length: hide each row's unused tail
+            mask = torch.arange(span, device=device).unsqueeze(0) <= pos.unsqueeze(1)
+            mask = mask.view(B, 1, 1, span)
+        rows = torch.arange(B, device=device)
+        for layer, w in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias, self.eps)
+            q, k, v = w.attn(h).split(C, dim=1)
+            layer_keys, layer_values = self.keys[layer], self.values[layer]
+            layer_keys[rows, :, pos] = k.view(B, H, D)
+            layer_values[rows, :, pos] = v.view(B, H, D)
+            y = F.scaled_dot_product_attention(q.view(B, H, 1, D), layer_keys[:B, :, :span],
+                                               layer_values[:B, :, :span], attn_mask=mask)
+            x = x + w.attn_proj(y.view(B, C))
+            x = x + self._mlp(x, w)
+        for i in range(B):
+            self.lengths[i] += 1
+        return self._logits(x)
+
+    def _mlp(self, x: torch.Tensor, w: _LayerWeights) -> torch.Tensor:
+        h = F.layer_norm(x, (self.n_embd,), w.ln_2_weight, w.ln_2_bias, self.eps)
+        return w.mlp_proj(w.fc(h))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (self.n_embd,), self.ln_f[0], self.ln_f[1], self.eps)
+        rows = x.size(0)
+        if rows == 1:
+            # One row would be a matrix-vector product, which the libraries here run at
+            # about half the speed of a two-row product; the duplicate row costs nothing.
+            x = torch.cat([x, x])
+        return self.lm_head(x)[:rows]

@@ -1,0 +1,132 @@
+"""A real server for the serving tests: `python -m serving` on a free loopback port.
+
+One server is shared by the whole session (starting one costs a few seconds). It serves
+a deployment manifest that points at a small random GPT-2 (two layers, a 256-token
+context), with two API keys configured.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from nanogpt_core.checkpoint import save_checkpoint
+from nanogpt_core.model import GPT, GPTConfig
+from serving.manifest import write_manifest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+API_KEYS = ("sk-test-first", "sk-test-second")
+SMALL_MODEL = GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64)
+
+
+def make_checkpoint(path: Path, *, seed: int, step: int) -> Path:
+    torch.manual_seed(seed)
+    lineage = {"git_commit": "0" * 40, "code_version": "test", "data_versions": {"token_shards": f"v{seed}"}}
+    return save_checkpoint(path, GPT(SMALL_MODEL), step=step, lineage=lineage, metrics={"val_loss": 10.8})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        # Server settings come only from the test, never from the developer's shell; the
+        # tokenizer cache location is the one variable worth inheriting.
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith("NANOGPT_") or k == "NANOGPT_CACHE_DIR"}
+        env = {**inherited, **self.env, "PYTHONPATH": str(PROJECT_ROOT)}
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving", *self.args, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=PROJECT_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not come up within {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5.0).json()
+
+
+@dataclass
+class Deployment:
+    server: ServerProcess
+    manifest: Path
+    checkpoint_dir: Path
+    api_key: str = API_KEYS[0]
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory) -> Deployment:
+    root = tmp_path_factory.mktemp("serving")
+    checkpoint = make_checkpoint(root / "run" / "model_00001.pt", seed=1, step=1)
+    manifest = write_manifest(root / "deployment" / "current.json", checkpoint_path=checkpoint,
+                              deployment_id="deploy-1", lineage={"token_shards": "v1"},
+                              scores={"benchmark": "demo-cloze", "acc": 0.25, "acc_norm": 0.26, "n": 100})
+    del manifest
+    server = ServerProcess(
+        args=["--manifest", str(root / "deployment" / "current.json"), "--threads", "1", "--max-batch", "8",
+              "--max-queue", "64", "--poll-interval", "0.2"],
+        env={"NANOGPT_API_KEYS": ",".join(API_KEYS)},
+        log_path=root / "server.log",
+    ).start()
+    yield Deployment(server=server, manifest=root / "deployment" / "current.json", checkpoint_dir=root / "run")
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_client(deployment):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=deployment.base_url, api_key=deployment.api_key, max_retries=0, timeout=60)

@@ -1,0 +1,180 @@
+"""The batched decoder and the engine, in-process: correctness against the reference model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from nanogpt_core.model import GPT, GPTConfig
+from serving.engine import Engine, EngineClosed, EngineFailed, Generation, QueueFull
+from serving.kv_decoder import BatchDecoder, onednn_available
+from serving.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=96, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        # Sharper logits than a fresh init gives, so that greedy choices never hinge on
+        # rounding differences between batched and single-row matmuls.
+        gpt.transformer.wte.weight.mul_(40)
+    return gpt
+
+
+def reference_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0][0, -1, :50257]
+
+
+@pytest.mark.parametrize("use_onednn", [True, False], ids=["onednn", "addmm"])
+def test_prefill_and_decode_match_the_reference_with_rows_of_different_lengths(model, use_onednn):
+    if use_onednn and not onednn_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no oneDNN")
+    decoder = BatchDecoder(model, max_batch=4, use_onednn=use_onednn)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
+    for prompt in prompts:
+        # Chunked prefill into the staging slot, then into the batch.
+        decoder.clear(decoder.staging_slot)
+        decoder.prefill(decoder.staging_slot, prompt[:2])
+        logits = decoder.prefill(decoder.staging_slot, prompt[2:]) if len(prompt) > 2 else None
+        decoder.allocate(copy_from=decoder.staging_slot)
+        if logits is not None:
+            torch.testing.assert_close(logits, reference_logits(model, prompt), atol=2e-4, rtol=1e-4)
+    sequences = [list(p) for p in prompts]
+    for step in range(4):
+        fed = [100 + 10 * step + i for i in range(len(sequences))]
+        logits = decoder.decode(fed)
+        for row, seq in enumerate(sequences):
+            seq.append(fed[row])
+            torch.testing.assert_close(logits[row], reference_logits(model, seq), atol=2e-4, rtol=1e-4)
+    # The first sequence leaves; the last moves into its slot and carries on correctly.
+    assert decoder.release(0) == 2
+    sequences = [sequences[2], sequences[1]]
+    logits = decoder.decode([1, 2])
+    for row, seq in enumerate(sequences):
+        seq.append([1, 2][row])
+        torch.testing.assert_close(logits[row], reference_logits(model, seq), atol=2e-4, rtol=1e-4)
+
+
+def greedy_reference(model: GPT, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), n, temperature=0, vocab_limit=50257)
+    return out[0, len(prompt):].tolist()
+
+
+async def collect(generation: Generation) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {i: [] for i in range(generation.n)}
+    async for event in generation.stream():
+        tokens[event.index].extend(t.token for t in event.tokens)
+    return tokens
+
+
+def test_requests_join_and_leave_a_running_batch(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=4), prefill_chunk=3).start()
+        try:
+            specs = [([1, 2, 3, 4], 12), ([7, 8], 3), ([20, 21, 22, 23, 24, 25, 26], 8), ([30], 6), ([40, 41], 5)]
+            generations = []
+            for prompt, max_tokens in specs:
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True)
+                generations.append(Generation(prompt, params))
+                engine.submit(generations[-1])
+                await asyncio.sleep(0.005)  # arrive while others are decoding
+            results = await asyncio.wait_for(asyncio.gather(*(collect(g) for g in generations)), 30)
+        finally:
+            engine.stop()
+        for (prompt, max_tokens), result in zip(specs, results, strict=True):
+            expected = greedy_reference(model, prompt, max_tokens)
+            if 50256 in expected:
+                expected = expected[:expected.index(50256)]
+            assert result[0] == expected
+
+    asyncio.run(main())
+
+
+def test_seeded_samples_do_not_depend_on_batch_neighbours(model):
+    async def run(with_neighbours: bool) -> list[int]:
+        engine = Engine(BatchDecoder(model, max_batch=4)).start()
+        try:
+            others = []
+            if with_neighbours:
+                for i in range(2):
+                    others.append(Generation([50 + i], SamplingParams(max_tokens=30, temperature=1.0)))
+                    engine.submit(others[-1])
+            mine = Generation([3, 4, 5], SamplingParams(max_tokens=15, temperature=0.8, seed=42, logprobs=True))
+            engine.submit(mine)
+            result = await asyncio.wait_for(collect(mine), 30)
+            for other in others:
+                other.cancel()
+            return result[0]
+        finally:
+            engine.stop()
+
+    assert asyncio.run(run(False)) == asyncio.run(run(True))
+
+
+def test_cancel_drops_the_sample_at_the_next_step(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=2)).start()
+        try:
+            generation = Generation([1, 2], SamplingParams(max_tokens=90, temperature=1.0, logprobs=True))
+            engine.submit(generation)
+            await generation.events.get()
+            generation.cancel()
+            deadline = time.monotonic() + 2
+            while engine.active_sequences and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert engine.active_sequences == 0
+            assert generation.completion_tokens < 90
+        finally:
+            engine.stop()
+
+    asyncio.run(main())
+
+
+def test_queue_limit_and_draining(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=1), max_queue=2)
+        # Not started: nothing leaves the queue.
+        for _ in range(2):
+            engine.submit(Generation([1], SamplingParams(max_tokens=2)))
+        with pytest.raises(QueueFull):
+            engine.submit(Generation([1], SamplingParams(max_tokens=2)))
+        engine.start()
+        engine.close()
+        assert await asyncio.to_thread(engine.drained.wait, 10)
+        with pytest.raises(EngineClosed):
+            engine.submit(Generation([1], SamplingParams(max_tokens=2)))
+
+    asyncio.run(main())
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
+    async def main():
+        decoder = BatchDecoder(model, max_batch=2)
+        engine = Engine(decoder).start()
+        real_decode = decoder.decode
+        calls = {"n": 0}
+
+        def flaky_decode(tokens):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated failure")
+            return real_decode(tokens)
+
+        monkeypatch.setattr(decoder, "decode", flaky_decode)
+        try:
+            doomed = Generation([1, 2], SamplingParams(max_tokens=10, logprobs=True))
+            engine.submit(doomed)
+            with pytest.raises(EngineFailed):
+                await asyncio.wait_for(collect(doomed), 10)
+            fine = Generation([1, 2], SamplingParams(max_tokens=5, logprobs=True))
+            engine.submit(fine)
+            assert len((await asyncio.wait_for(collect(fine), 10))[0]) == 5
+        finally:
+            engine.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,73 @@
+"""Sampling knobs and the deployment manifest, without a server."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from serving.manifest import ManifestError, parse_manifest, read_manifest, write_manifest
+from serving.sampling import SamplingParams, generator_for, sample_token
+
+
+def test_greedy_top_k_one_and_logit_bias():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5])
+    assert sample_token(logits, SamplingParams(max_tokens=1, temperature=0), generator_for(0, 0), Counter()).token == 1
+    top1 = SamplingParams(max_tokens=1, temperature=1.0, top_k=1)
+    assert {sample_token(logits, top1, generator_for(s, 0), Counter()).token for s in range(20)} == {1}
+    biased = SamplingParams(max_tokens=1, temperature=0, logit_bias=((0, 100.0),))
+    assert sample_token(logits, biased, generator_for(0, 0), Counter()).token == 0
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    params = SamplingParams(max_tokens=1, top_p=0.8)
+    drawn = {sample_token(logits, params, generator_for(s, 0), Counter()).token for s in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_penalties_lower_tokens_already_generated():
+    logits = torch.tensor([2.0, 1.9])
+    params = SamplingParams(max_tokens=1, temperature=0, frequency_penalty=0.5)
+    assert sample_token(logits, params, generator_for(0, 0), Counter({0: 1})).token == 1
+    params = SamplingParams(max_tokens=1, temperature=0, presence_penalty=0.2)
+    assert sample_token(logits, params, generator_for(0, 0), Counter({0: 3})).token == 1
+
+
+def test_logprobs_are_of_the_unscaled_distribution():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    params = SamplingParams(max_tokens=1, temperature=0.5, logprobs=True, top_logprobs=2)
+    sampled = sample_token(logits, params, generator_for(1, 0), Counter())
+    expected = torch.log_softmax(logits, dim=-1)
+    assert sampled.logprob == pytest.approx(float(expected[sampled.token]))
+    assert [t for t, _ in sampled.top] == [2, 1]
+
+
+def test_seeded_generators_repeat_and_choices_differ():
+    a = torch.rand(4, generator=generator_for(5, 0))
+    assert torch.equal(a, torch.rand(4, generator=generator_for(5, 0)))
+    assert not torch.equal(a, torch.rand(4, generator=generator_for(5, 1)))
+
+
+def test_manifest_round_trip_and_validation(tmp_path):
+    checkpoint = tmp_path / "run" / "model_00599.pt"
+    path = tmp_path / "deployment" / "current.json"
+    written = write_manifest(path, checkpoint_path=checkpoint, deployment_id="d1",
+                             lineage={"token_shards": "abc"}, scores={"benchmark": "hellaswag", "acc": 0.3})
+    read = read_manifest(path)
+    assert read == written
+    assert read.checkpoint_name == "model_00599.pt" and read.model_id == "nanogpt"
+    assert read.checkpoint_path == str(checkpoint.resolve())
+    assert not list(path.parent.glob("*.tmp"))
+
+    good = json.loads(path.read_text())
+    for change, message in [({"format": "other"}, "format"), ({"format_version": 2}, "format_version"),
+                            ({"checkpoint_path": "relative/model.pt"}, "absolute"),
+                            ({"deployment_id": ""}, "deployment_id"), ({"scores": [1]}, "scores")]:
+        with pytest.raises(ManifestError, match=message):
+            parse_manifest({**good, **change})
+    path.write_text("{half")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(path)

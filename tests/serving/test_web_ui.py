@@ -1,0 +1,87 @@
+"""The web chat page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # against a real server process
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT_COPY = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "chat_ui.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium package is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_chat_page_streams_a_reply(browser, deployment, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(deployment.server.url + "/")
+
+    page.fill("#api-key", deployment.api_key)
+    page.dispatch_event("#api-key", "change")
+    # The model picker fills from /v1/models once the key is known, and the lineage shows.
+    page.wait_for_function("document.querySelectorAll('#model option').length >= 2", timeout=10_000)
+    assert page.locator("#model option").first.get_attribute("value") == "nanogpt"
+    page.wait_for_selector("#lineage dl", timeout=10_000)
+    assert "checkpoint" in page.inner_text("#lineage")
+    assert "demo-cloze" in page.inner_text("#lineage")
+
+    page.fill("#max-tokens", "60")
+    page.fill("#seed", "7")  # a reproducible reply for the saved screenshot
+    page.fill("#prompt", "Write a short poem about the sea.")
+    page.click("#send")
+
+    reply = page.locator(".message.assistant").last
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+        " return m && Number(m.dataset.chunks) >= 1; }", timeout=20_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.message.assistant')].pop().dataset.done === 'true'", timeout=30_000)
+    # Text arrived in several pieces (streamed), not as one block at the end.
+    assert int(reply.get_attribute("data-chunks")) > 1
+    assert "error" not in (reply.get_attribute("class") or "")
+    assert page.inner_text(".message.user") == "Write a short poem about the sea."
+    assert not errors
+
+    shot = tmp_path / "chat_ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+    page.close()
+
+
+def test_stop_button_ends_a_reply_early(browser, deployment):
+    page = browser.new_page()
+    page.goto(deployment.server.url + "/")
+    page.fill("#api-key", deployment.api_key)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.querySelectorAll('#model option').length >= 2", timeout=10_000)
+    page.fill("#max-tokens", "230")
+    page.fill("#temperature", "1")
+    page.fill("#prompt", "Go on for a long time.")
+    page.click("#send")
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+        " return m && Number(m.dataset.chunks) >= 2; }", timeout=20_000)
+    page.click("#stop")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.message.assistant')].pop().dataset.done === 'true'", timeout=10_000)
+    assert "stopped" in page.inner_text(".message.assistant .meta")
+    page.close()
