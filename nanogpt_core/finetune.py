@@ -3,11 +3,13 @@
     torchrun --standalone --nproc_per_node=2 -m nanogpt_core.finetune --profile micro \\
         --init CHECKPOINT_OR_RUN_DIR --out RUN_DIR [--data FILE_OR_PREPARED_DIR] [--resume]
 
-`--init` is a checkpoint, or a run folder whose newest checkpoint is used. `--data` is a
-Dolly-style JSON-lines file (or folder of them), or a folder prepared with
-`python -m nanogpt_core.data.instructions`; without it the profile's source is used (micro
-and demo: the offline chatterbot conversations; gpt2-124m: databricks-dolly-15k). Files are
-prepared into RUN_DIR/data first.
+`--init` is a checkpoint, or a run folder whose newest checkpoint is used. Instead of it,
+`--init-from hf:DIR_OR_NAME` starts from a GPT-2 in Hugging Face format (a folder, or a hub
+name such as `hf:gpt2` where the hub is reachable), imported into RUN_DIR/init first (see
+nanogpt_core.hf). `--data` is a Dolly-style JSON-lines file (or folder of them), or a folder
+prepared with `python -m nanogpt_core.data.instructions`; without it the profile's source is
+used (micro and demo: the offline chatterbot conversations; gpt2-124m: databricks-dolly-15k).
+Files are prepared into RUN_DIR/data first.
 
 The loss covers response tokens only (see nanogpt_core.data.instructions). The run goes for
 a number of epochs with its own warmup and cosine schedule, evaluates on the held-out split,
@@ -32,10 +34,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from nanogpt_core.checkpoint import CheckpointError, latest_checkpoint, model_config_of, read_checkpoint
+from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, model_config_of,
+                                     read_checkpoint)
 from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
 from nanogpt_core.distributed import DistContext, setup_distributed, teardown_distributed
+from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, import_hf
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
 from nanogpt_core.pipes_bridge import run_training_entrypoint
@@ -43,6 +47,7 @@ from nanogpt_core.schedule import cosine_lr
 from nanogpt_core.train import LoopPlan, TrainingObserver, TrainResult, configure_backend, run_training
 
 PREPARED_DATA_DIR = "data"
+IMPORTED_INIT_DIR = "init"
 
 
 @dataclass(frozen=True)
@@ -143,17 +148,30 @@ def resolve_init_checkpoint(init: str | Path) -> tuple[Path, dict[str, Any]]:
     return init, read_checkpoint(init)
 
 
+def resolve_init(init: str | Path, out_dir: Path, ctx: DistContext) -> tuple[Path, dict[str, Any]]:
+    """Like resolve_init_checkpoint, and `hf:DIR_OR_NAME` is imported (by rank 0) into the run folder first."""
+    if str(init).startswith(HF_INIT_PREFIX):
+        imported = out_dir / IMPORTED_INIT_DIR / checkpoint_name(0)
+        if ctx.is_main:
+            import_hf(str(init)[len(HF_INIT_PREFIX):], imported)
+        if ctx.is_distributed:
+            dist.barrier()  # the other ranks read what rank 0 just wrote
+        init = imported
+    return resolve_init_checkpoint(init)
+
+
 def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: str | Path | None = None, *,
              resume: bool = False, observer: TrainingObserver | None = None) -> TrainResult:
     """Run (or resume) fine-tuning; every rank calls this, rank 0 writes the files.
 
+    `init`: a checkpoint, a run folder (its newest checkpoint), or `hf:DIR_OR_NAME`.
     `data`: a prepared instruction folder, a Dolly-style JSON-lines file or folder, or None
     for the profile's source.
     """
     started = time.perf_counter()
     ctx = setup_distributed(cfg.device)
     try:
-        result = _finetune(cfg, Path(init), Path(out_dir), None if data is None else Path(data), resume,
+        result = _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume,
                            observer, ctx)
     except BaseException:
         teardown_distributed(after_error=True)
@@ -163,11 +181,11 @@ def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: s
     return result
 
 
-def _finetune(cfg: FinetuneConfig, init: Path, out_dir: Path, data: Path | None, resume: bool,
+def _finetune(cfg: FinetuneConfig, init: str | Path, out_dir: Path, data: Path | None, resume: bool,
               observer: TrainingObserver | None, ctx: DistContext) -> TrainResult:
     configure_backend(cfg, ctx)
     grad_accum = cfg.grad_accum_steps(ctx.world_size)
-    init_path, init_payload = resolve_init_checkpoint(init)
+    init_path, init_payload = resolve_init(init, out_dir, ctx)
     if init_path.parent.resolve() == out_dir.resolve():
         raise ValueError(f"--out {out_dir} holds the checkpoint being fine-tuned; write the fine-tuned run elsewhere")
     model_config = replace(model_config_of(init_payload, init_path), dropout=cfg.dropout)
@@ -259,12 +277,21 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _hf_init(text: str) -> str:
+    if not text.startswith(HF_INIT_PREFIX) or len(text) == len(HF_INIT_PREFIX):
+        raise argparse.ArgumentTypeError(f"expected {HF_INIT_PREFIX}DIR_OR_NAME, got {text!r}")
+    return text
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanogpt_core.finetune", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--profile", default=os.environ.get("NANOGPT_PROFILE", "demo"),
                         help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
-    parser.add_argument("--init", required=True, help="checkpoint to start from, or a run folder (its newest)")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", help="checkpoint to start from, or a run folder (its newest)")
+    start.add_argument("--init-from", type=_hf_init, metavar="hf:DIR_OR_NAME",
+                       help="a GPT-2 in Hugging Face format to import and start from: a folder, or a hub name")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, prepared data")
     parser.add_argument("--data", help="Dolly-style .jsonl file or folder, or a prepared instruction folder "
                                        "(default: the profile's source)")
@@ -287,9 +314,11 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
                      if f.name != "profile" and getattr(args, f.name) is not None}
         cfg = get_finetune_profile(args.profile, **overrides)
-        return finetune(cfg, args.init, args.out, args.data, resume=args.resume, observer=observer)
+        return finetune(cfg, args.init or args.init_from, args.out, args.data, resume=args.resume,
+                        observer=observer)
 
-    run_training_entrypoint(run, user_errors=(InstructionDataError, CheckpointError, ValueError), stage="finetune")
+    run_training_entrypoint(run, user_errors=(InstructionDataError, CheckpointError, HFFormatError, ValueError),
+                            stage="finetune")
 
 
 if __name__ == "__main__":

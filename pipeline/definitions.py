@@ -6,6 +6,7 @@ import dagster as dg
 
 from pipeline.assets.data import dolly_prompts, raw_fineweb, token_shards
 from pipeline.assets.deployment import deployed_model, hellaswag_scores
+from pipeline.assets.export import hf_export
 from pipeline.assets.training import finetuned_checkpoint, pretrained_checkpoint
 from pipeline.automation import new_raw_text, retokenize_job, retrain_job, weekly_retraining
 from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
@@ -13,7 +14,7 @@ from pipeline.resources import ArtifactStore
 
 defs = dg.Definitions(
     assets=[raw_fineweb, token_shards, dolly_prompts, pretrained_checkpoint, finetuned_checkpoint,
-            hellaswag_scores, deployed_model],
+            hellaswag_scores, deployed_model, hf_export],
     asset_checks=[shards_are_valid, dolly_prompts_are_valid],
     jobs=[retrain_job, retokenize_job],
     schedules=[weekly_retraining],

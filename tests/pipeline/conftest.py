@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 ALL_ASSETS = ["raw_fineweb", "token_shards", "dolly_prompts", "pretrained_checkpoint", "finetuned_checkpoint",
-              "hellaswag_scores", "deployed_model"]
+              "hellaswag_scores", "deployed_model", "hf_export"]
 
 
 PROFILED_ASSETS = ("raw_fineweb", "dolly_prompts", "pretrained_checkpoint", "finetuned_checkpoint", "hellaswag_scores")

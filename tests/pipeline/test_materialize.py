@@ -38,7 +38,7 @@ def test_definitions_load_and_every_asset_has_group_kinds_and_code_version():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"raw_fineweb", "token_shards", "dolly_prompts", "pretrained_checkpoint", "finetuned_checkpoint",
-                    "hellaswag_scores", "deployed_model"}
+                    "hellaswag_scores", "deployed_model", "hf_export"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.group_name and node.group_name != "default", key
