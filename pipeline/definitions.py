@@ -10,6 +10,7 @@ from pipeline.assets.export import hf_export
 from pipeline.assets.training import finetuned_checkpoint, pretrained_checkpoint
 from pipeline.automation import new_raw_text, retokenize_job, retrain_job, weekly_retraining
 from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
+from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
 
 defs = dg.Definitions(
@@ -21,6 +22,6 @@ defs = dg.Definitions(
     sensors=[new_raw_text],
     resources={
         "artifacts": ArtifactStore(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_subprocess_client": training_pipes_client(),
     },
 )

@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from pipeline.definitions import defs
+from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
 
 from .conftest import micro_run_config
@@ -19,7 +20,7 @@ def test_a_failing_rank_surfaces_its_exception_text_in_the_run_failure(tmp_path)
         result = dg.materialize(
             [*defs.assets], selection=selection, instance=instance,
             resources={"artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),
-                       "pipes_subprocess_client": dg.PipesSubprocessClient()},
+                       "pipes_subprocess_client": training_pipes_client()},
             run_config=micro_run_config(selection, pretrained_checkpoint={"extra_args": ["--n-head", "3"]}),
             raise_on_error=False)
     assert not result.success
