@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -295,8 +296,16 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
     keep_through = None if resumed_from is None else (start_step - 1 if start_step < max_steps else max_steps)
     log = MetricsLog(metrics_path, keep_through) if ctx.is_main else None
     display = ProgressDisplay(ctx.is_main, max_steps, start_step)
-    peak = peak_flops(ctx.device_type) if ctx.is_main else None
-    flops_per_token = model.flops_per_token(plan.seq_len)
+    # All ranks measure together, so a CPU's peak is what one process gets while the others
+    # run too (measured alone, it would overstate the share and MFU would pass 100%).
+    if ctx.is_distributed:
+        dist.barrier()
+    peak = peak_flops(ctx.device_type)
+    # The output layer runs only where a target is trained (fine-tuning skips prompt and padding
+    # positions), so its FLOPs are counted per trained position, the rest per position.
+    cfg_model = model.config
+    output_layer_flops = 6 * cfg_model.vocab_size * cfg_model.n_embd
+    body_flops = model.flops_per_token(plan.seq_len) - output_layer_flops
     result = TrainResult(out_dir=out_dir, metrics_path=metrics_path, resumed_from=resumed_from, lineage=lineage)
     loss_value = val_loss = None
 
@@ -310,11 +319,14 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
                 initial_val_loss = val_loss
 
         loss_accum = torch.zeros((), device=ctx.device)
-        step_tokens = 0
+        step_tokens = step_trained = 0
         for micro_step in range(plan.grad_accum):
-            x, y = (t.to(ctx.device) for t in train_loader.next_batch())
+            x, y = train_loader.next_batch()
             # Every rank's batch has the same shape, so the step's token count needs no communication.
             step_tokens += x.numel() * ctx.world_size
+            # This rank's trained positions times the ranks: an estimate that needs no communication.
+            step_trained += int((y != -1).sum()) * ctx.world_size
+            x, y = x.to(ctx.device), y.to(ctx.device)
             # Gradients are averaged across ranks only on the last micro-step.
             sync = micro_step == plan.grad_accum - 1 or not ctx.is_distributed
             with (contextlib.nullcontext() if sync else run_model.no_sync()), autocast_context(ctx):
@@ -338,7 +350,8 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
         dt = time.perf_counter() - step_started
         tokens_per_sec = step_tokens / dt
         record.update(loss=loss_value, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
-                      mfu=(flops_per_token * tokens_per_sec / (peak * ctx.world_size)) if peak else 0.0,
+                      mfu=((body_flops * step_tokens + output_layer_flops * step_trained) / dt
+                           / (peak * ctx.world_size)) if peak else 0.0,
                       tokens_seen=tokens_seen)
         if plan.progress is not None:
             record.update(plan.progress())
