@@ -4,26 +4,27 @@ import gives the weights back; fine-tuning starts from an imported folder."""
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
-# transformers and huggingface_hub read this when imported: no test may reach the hub.
-os.environ["HF_HUB_OFFLINE"] = "1"
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from nanogpt_core.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
-from nanogpt_core.config import get_profile  # noqa: E402
-from nanogpt_core.hf import (CHAT_TEMPLATE, HF_INIT_PREFIX, HFFormatError, export_checkpoint,  # noqa: E402
+from nanogpt_core.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from nanogpt_core.config import get_profile
+from nanogpt_core.hf import (CHAT_TEMPLATE, HF_INIT_PREFIX, HFFormatError, export_checkpoint,
                              from_hf_state_dict, import_hf, locate_hf_model, main)
-from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE  # noqa: E402
-from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids  # noqa: E402
-from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer  # noqa: E402
+from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
+from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test here may reach the hub; set per test so other test files see the environment as it was."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 LINEAGE = {"stage": "finetune", "profile": "micro", "data_version": "instr-0123abcd",
            "parent_checkpoint": "/runs/pre/model_00019.pt", "parent_data_version": "shards-4567ef01",

@@ -103,7 +103,8 @@ def test_the_source_description_names_what_was_read(shared_data):
 
 # --- fineweb-edu ---------------------------------------------------------------------------
 
-def test_fineweb_edu_streams_from_the_hub_or_fails_fast_with_one_clear_line():
+def test_fineweb_edu_streams_from_the_hub_or_fails_fast_with_one_clear_line(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # exercise the real connection attempt
     pytest.importorskip("datasets", reason="the fineweb-edu source needs the `datasets` package")
     start = time.monotonic()
     try:
@@ -190,7 +191,8 @@ def test_prepare_writes_raw_parquet_and_shards_built_from_it(shared_data, tmp_pa
     assert manifest.source["raw_content_hash"] == summary["raw"]["content_hash"]
 
 
-def test_prepare_reports_an_unreachable_hub_in_one_line(tmp_path):
+def test_prepare_reports_an_unreachable_hub_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # exercise the real connection attempt
     pytest.importorskip("datasets", reason="the fineweb-edu source needs the `datasets` package")
     from nanogpt_core.data.prepare import main
 
