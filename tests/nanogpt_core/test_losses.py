@@ -27,7 +27,7 @@ def loss_and_grads(loss_fn, x, weight, targets, grad_scale: float = 1.0):
 
 def reference(x, weight, targets):
     logits = F.linear(x, weight)
-    return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1)
+    return F.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1), ignore_index=-1)
 
 
 def assert_matches_reference(x, weight, targets, chunk_rows: int, grad_scale: float = 1.0):
@@ -51,6 +51,12 @@ def test_ignored_targets_including_a_fully_masked_chunk():
     assert_matches_reference(x, weight, targets, chunk_rows=16)
     x_grad = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=16), x, weight, targets)[1]
     assert torch.all(x_grad[targets == -1] == 0)
+
+
+def test_non_contiguous_targets():
+    x, weight, _ = make_inputs(2, 40, seed=6)
+    tokens = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(6))
+    assert_matches_reference(x, weight, tokens[:, 1:], chunk_rows=32)
 
 
 def test_backward_scales_with_the_incoming_gradient():
