@@ -107,3 +107,23 @@ class JSONBodyMiddleware:
 
 def app_from_environment() -> FastAPI:
     return create_app(settings_from_environment())
+
+
+class _AppFromEnvironment:
+    """`serving.app:app` for process managers that take an ASGI app by name (gunicorn, uvicorn).
+
+    The real app is built from `NANOGPT_*` variables on first use, inside the worker that
+    serves it: importing this module stays free of side effects, and each forked worker
+    builds (and loads its model) on its own.
+    """
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    async def __call__(self, scope, receive, send):
+        if self._app is None:
+            self._app = app_from_environment()
+        await self._app(scope, receive, send)
+
+
+app = _AppFromEnvironment()
