@@ -1,4 +1,4 @@
-"""The FastAPI application: API routes, web UI, health and metrics, auth, CORS, error shapes.
+"""The FastAPI application: API routes, web UI, health and metrics, and the guards in front of them.
 
 `create_app(settings)` builds an app that loads its model when it starts (in its lifespan),
 so a process manager can import it in each worker; `app_from_environment()` does the same
@@ -13,15 +13,17 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, Response
 
-from serving.auth import APIKeyCheck
+from serving.auth import APIKeyMiddleware
 from serving.deployments import ManifestWatcher, ModelRegistry, initial_model
 from serving.errors import install_error_handlers
 from serving.metrics import RequestMetricsMiddleware, ServerMetrics
+from serving.http_guards import BodySizeLimit, HostAllowList, JSONBodiesOnly
 from serving.openai_api import router as openai_router
+from serving.rate_limits import CallerLimits, CallerLimitsMiddleware
 from serving.settings import ServerSettings, settings_from_environment
 
 log = logging.getLogger("serving")
@@ -29,9 +31,13 @@ log = logging.getLogger("serving")
 
 def create_app(settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
+    caller_limits = CallerLimits(requests_per_minute=settings.key_requests_per_minute,
+                                 concurrent_requests=settings.key_concurrent_requests,
+                                 storage_uri=settings.rate_limit_storage, namespace=settings.rate_limit_namespace)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await caller_limits.check_storage()  # a wrong Redis address fails the start, not every request
         if settings.threads:
             torch.set_num_threads(settings.threads)
         served = await asyncio.to_thread(initial_model, settings, metrics)
@@ -51,11 +57,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 watcher.stop()
             registry.shutdown()
 
-    app = FastAPI(title="nanogpt-pipeline", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="nanogpt-pipeline", version="1", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.enable_docs else None,
+                  openapi_url="/openapi.json" if settings.enable_docs else None)
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(openai_router, dependencies=[Depends(APIKeyCheck(settings.api_keys))])
+    app.include_router(openai_router)
 
     @app.get("/health", include_in_schema=False)
     def health(request: Request) -> dict:
@@ -77,7 +85,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def chat_page() -> HTMLResponse:
         return HTMLResponse(page)
 
-    app.add_middleware(JSONBodyMiddleware)
+    # Middlewares, innermost first (each add_middleware wraps the ones before it). A request
+    # meets them in the reverse order:
+    #   1. Host allow-list: a DNS-rebound page is refused before anything else answers it.
+    #   2. CORS: answers preflights, and puts its headers on every answer below, refusals
+    #      included, so a browser client can read why it was refused.
+    #   3. Metrics: counts /v1 answers by status, refusals included.
+    #   4. API key: 401 from the headers alone, before the body is read.
+    #   5. JSON only: 415 for any other body type.
+    #   6. Per-caller limits: 429 before the caller's body is read, so a slow upload holds one
+    #      of the caller's own concurrent slots rather than the server's memory.
+    #   7. Body size: 413, counting the body as it arrives; only then does FastAPI parse it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(CallerLimitsMiddleware, limits=caller_limits, keyed=settings.requires_auth)
+    app.add_middleware(JSONBodiesOnly)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, docs_enabled=settings.enable_docs)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
@@ -85,24 +107,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                            # is what browsers need for Authorization and the OpenAI JS client's
                            # x-stainless-* headers.
                            allow_headers=["*"], allow_credentials=False, max_age=600)
+    app.add_middleware(HostAllowList, allowed=settings.host_patterns)
     return app
-
-
-class JSONBodyMiddleware:
-    """Reads every /v1 request body as JSON, whatever its Content-Type says.
-
-    `curl -d` sends form encoding unless told otherwise; OpenAI's API parses the body as
-    JSON anyway, and so does this server.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
 
 
 def app_from_environment() -> FastAPI:

@@ -1,36 +1,68 @@
-"""Bearer API keys, compared in constant time against every configured key."""
+"""Bearer API keys, checked from the headers before a request's body is read.
+
+Every configured key is compared in constant time, match or not, so the time a check takes
+says nothing about which key (or how much of one) was right.
+"""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.errors import APIError
+from serving.http_guards import refuse
+
+# /health, /metrics and the chat page stay public.
+API_PATHS = ("/v1",)
+DOCS_PATHS = ("/docs", "/openapi.json")
 
 
-class APIKeyCheck:
-    """A FastAPI dependency; with no keys configured every request passes (loopback only)."""
+def bearer_token(scope: Scope) -> str | None:
+    scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
-    def __init__(self, keys: tuple[str, ...]):
+
+def is_cors_preflight(scope: Scope) -> bool:
+    headers = Headers(scope=scope)
+    return scope["method"] == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
+
+
+class APIKeyMiddleware:
+    """401 for a protected path without a valid key; with no keys configured every request passes.
+
+    CORS preflights carry no credentials by design, so they are let through (the CORS layer
+    outside this one answers them).
+    """
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], docs_enabled: bool = False):
+        self.app = app
         self._keys = tuple(k.encode("utf-8") for k in keys)
+        # Switched off, the schema pages are a plain 404 for everyone.
+        self._protected = API_PATHS + DOCS_PATHS if docs_enabled else API_PATHS
 
-    def __call__(self, request: Request) -> None:
-        if not self._keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise _unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+    def protects(self, path: str) -> bool:
+        return path.startswith(self._protected)
+
+    def accepts(self, token: str) -> bool:
         given = token.encode("utf-8")
-        # Every key is compared, match or not, so the time taken says nothing about which
-        # key (or how much of one) was right.
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(key, given)
-        if not matched:
-            raise _unauthorized("Incorrect API key provided.", code="invalid_api_key")
+        return matched
 
-
-def _unauthorized(message: str, code: str | None = None) -> APIError:
-    return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not self._keys or not self.protects(scope["path"])
+                or is_cors_preflight(scope)):
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        if token is None:
+            message, code = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", None
+        elif not self.accepts(token):
+            message, code = "Incorrect API key provided.", "invalid_api_key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        await refuse(scope, receive, send, 401, message, code=code, headers={"WWW-Authenticate": "Bearer"})

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from serving.manifest import DEFAULT_MODEL_ID, ManifestError, read_manifest
-from serving.settings import API_KEYS_ENV, ServerSettings, SettingsError, collect_api_keys, parse_key_list
+from serving.settings import (
+    API_KEYS_ENV,
+    LOBECHAT_LOCAL_ORIGINS,
+    MIB,
+    ServerSettings,
+    SettingsError,
+    collect_api_keys,
+    parse_key_list,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
                         help="alias for a bare --checkpoint (a manifest names its own)")
-    parser.add_argument("--cors-origins", default="*",
-                        help="comma-separated origins allowed to call the API from a browser; '' for none")
+    parser.add_argument("--cors-origins", default=",".join(LOBECHAT_LOCAL_ORIGINS),
+                        help="comma-separated origins allowed to call the API from a browser; '' for none, "
+                             "'*' for any (default: LobeChat on this machine)")
+    parser.add_argument("--allowed-hosts", default="",
+                        help="comma-separated Host names answered ('*.example.org', '*' for any); default: "
+                             "localhost, 127.0.0.1 and ::1 on a loopback address, any name otherwise")
+    parser.add_argument("--max-request-bytes", type=int, default=MIB,
+                        help="largest request body accepted (default 1 MiB); larger ones get 413")
+    parser.add_argument("--enable-docs", action="store_true",
+                        help="serve /docs and /openapi.json (behind the API key, like /v1)")
+    parser.add_argument("--key-requests-per-minute", type=int, default=0,
+                        help="requests per minute per API key (per client address without keys); 0: no limit")
+    parser.add_argument("--key-concurrent-requests", type=int, default=0,
+                        help="requests in flight per API key (per client address without keys); 0: no limit")
+    parser.add_argument("--rate-limit-storage", default="memory://",
+                        help="where requests per minute are counted: memory:// (this process) or "
+                             "redis://HOST:PORT/DB (shared by every worker and server using it)")
+    parser.add_argument("--rate-limit-namespace", default="nanogpt",
+                        help="prefix of the counters in shared storage; servers that share one count together")
     parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together per step")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 503")
     parser.add_argument("--default-max-tokens", type=int, default=512,
@@ -50,7 +75,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         checkpoint=args.checkpoint, manifest=args.manifest, host=args.host, port=args.port,
         api_keys=collect_api_keys(args.api_key_file), model_id=args.model_id,
-        cors_origins=tuple(parse_key_list(args.cors_origins)), max_batch=args.max_batch,
+        cors_origins=tuple(parse_key_list(args.cors_origins)),
+        allowed_hosts=tuple(parse_key_list(args.allowed_hosts)) or None, max_request_bytes=args.max_request_bytes,
+        enable_docs=args.enable_docs, key_requests_per_minute=args.key_requests_per_minute,
+        key_concurrent_requests=args.key_concurrent_requests, rate_limit_storage=args.rate_limit_storage,
+        rate_limit_namespace=args.rate_limit_namespace, max_batch=args.max_batch,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, threads=args.threads,
         device=args.device, poll_interval_s=args.poll_interval)
 

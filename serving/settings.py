@@ -16,6 +16,13 @@ from serving.manifest import DEFAULT_MODEL_ID
 API_KEYS_ENV = "NANOGPT_API_KEYS"
 API_KEY_FILE_ENV = "NANOGPT_API_KEY_FILE"
 
+# LobeChat's own origins when it runs on this machine, so it works out of the box while an
+# arbitrary web page the user happens to visit cannot call a keyless loopback server.
+LOBECHAT_LOCAL_ORIGINS = ("http://localhost:3210", "http://127.0.0.1:3210")
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
+MIB = 1024 * 1024
+RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
+
 
 class SettingsError(ValueError):
     """A configuration the server refuses to start with."""
@@ -29,7 +36,15 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = ()
     model_id: str = DEFAULT_MODEL_ID  # alias served when a bare checkpoint is given
-    cors_origins: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = LOBECHAT_LOCAL_ORIGINS
+    # Host header names answered; None: the loopback names when bound to loopback, else any.
+    allowed_hosts: tuple[str, ...] | None = None
+    max_request_bytes: int = MIB  # request bodies beyond this get 413 before they are parsed
+    enable_docs: bool = False  # /docs and /openapi.json (behind the API key like /v1)
+    key_requests_per_minute: int = 0  # per API key (per client address without keys); 0: unlimited
+    key_concurrent_requests: int = 0  # /v1 requests in flight per API key; 0: unlimited
+    rate_limit_storage: str = "memory://"  # `limits` storage URI, e.g. redis://127.0.0.1:6379/0
+    rate_limit_namespace: str = "nanogpt"  # prefix of the limiter's keys in shared storage
     max_batch: int = 8  # samples decoded together per step
     max_queue: int = 64  # requests waiting for a slot before new ones get 503
     prefill_chunk: int = 256  # prompt tokens processed between two decode steps
@@ -46,6 +61,21 @@ class ServerSettings:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.poll_interval_s <= 0:
             raise SettingsError("poll_interval_s must be positive")
+        if self.max_request_bytes < 1:
+            raise SettingsError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
+        for name in ("key_requests_per_minute", "key_concurrent_requests"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be 0 (unlimited) or more, got {getattr(self, name)}")
+        for origin in self.cors_origins:
+            check_origin(origin)
+        for host in self.allowed_hosts or ():
+            check_host_pattern(host)
+        scheme = self.rate_limit_storage.partition("://")[0]
+        if "://" not in self.rate_limit_storage or scheme not in RATE_LIMIT_STORAGE_SCHEMES:
+            raise SettingsError(f"rate limit storage {self.rate_limit_storage!r} is not a storage URI this server "
+                                f"supports: use memory:// or redis://host:port/db")
+        if not self.rate_limit_namespace.strip():
+            raise SettingsError("rate_limit_namespace must not be empty")
         if not self.api_keys and not is_loopback(self.host):
             raise SettingsError(
                 f"refusing to listen on {self.host} without an API key: set {API_KEYS_ENV} (comma-separated) "
@@ -55,6 +85,20 @@ class ServerSettings:
     @property
     def requires_auth(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def host_patterns(self) -> tuple[str, ...]:
+        """The Host names answered: as configured, else loopback names on loopback and any name elsewhere.
+
+        On loopback the list is what stops DNS rebinding (a page on attacker.example whose name
+        now resolves to 127.0.0.1); on a public address keys are required, which a rebound
+        page does not have, and the names clients use are not known in advance.
+        """
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if is_loopback(self.host):
+            return tuple(dict.fromkeys((*LOOPBACK_HOST_NAMES, self.host.strip("[]").lower())))
+        return ("*",)
 
 
 def is_loopback(host: str) -> bool:
@@ -68,6 +112,45 @@ def is_loopback(host: str) -> bool:
 
 def parse_key_list(text: str | None) -> list[str]:
     return [k.strip() for k in (text or "").split(",") if k.strip()]
+
+
+def check_origin(origin: str) -> None:
+    """An origin as browsers send it: scheme://host[:port], no path, no trailing slash (or '*' for any)."""
+    if origin == "*":
+        return
+    scheme, sep, rest = origin.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+        raise SettingsError(f"CORS origin {origin!r} is not of the form http(s)://host[:port] "
+                            "(no path, no trailing slash)")
+
+
+def check_host_pattern(pattern: str) -> None:
+    """A Host name to allow: 'example.org', '*.example.org', an IP address, or '*' for any."""
+    if pattern == "*" or _is_ip(pattern):
+        return
+    name = pattern.removeprefix("*.")
+    if not name or any(c in name for c in "/:*@[] "):
+        raise SettingsError(f"allowed host {pattern!r} is not a host name (give it without scheme or port; "
+                            "'*.example.org' for subdomains, '*' for any)")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def parse_flag(name: str, raw: str | None, default: bool) -> bool:
+    if raw in (None, ""):
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no or on/off)")
 
 
 def read_key_file(path: str | Path) -> list[str]:
@@ -112,7 +195,14 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> ServerSe
         port=number("NANOGPT_PORT", int, 8000),
         api_keys=collect_api_keys(env.get(API_KEY_FILE_ENV), env),
         model_id=env.get("NANOGPT_MODEL_ID", DEFAULT_MODEL_ID),
-        cors_origins=tuple(parse_key_list(env.get("NANOGPT_CORS_ORIGINS", "*"))),
+        cors_origins=tuple(parse_key_list(env.get("NANOGPT_CORS_ORIGINS", ",".join(LOBECHAT_LOCAL_ORIGINS)))),
+        allowed_hosts=tuple(parse_key_list(env.get("NANOGPT_ALLOWED_HOSTS"))) or None,
+        max_request_bytes=number("NANOGPT_MAX_REQUEST_BYTES", int, MIB),
+        enable_docs=parse_flag("NANOGPT_ENABLE_DOCS", env.get("NANOGPT_ENABLE_DOCS"), False),
+        key_requests_per_minute=number("NANOGPT_KEY_REQUESTS_PER_MINUTE", int, 0),
+        key_concurrent_requests=number("NANOGPT_KEY_CONCURRENT_REQUESTS", int, 0),
+        rate_limit_storage=env.get("NANOGPT_RATE_LIMIT_STORAGE") or "memory://",
+        rate_limit_namespace=env.get("NANOGPT_RATE_LIMIT_NAMESPACE") or "nanogpt",
         max_batch=number("NANOGPT_MAX_BATCH", int, 8),
         max_queue=number("NANOGPT_MAX_QUEUE", int, 64),
         default_max_tokens=number("NANOGPT_DEFAULT_MAX_TOKENS", int, 512),

@@ -126,6 +126,31 @@ def deployment(tmp_path_factory) -> Deployment:
     server.stop()
 
 
+# A second server with the guards set away from their defaults: its own CORS origin and Host
+# names, the schema pages on, a small body limit, and per-key limits (in memory).
+GUARDED_KEYS = ("sk-guard", "sk-rate-a", "sk-rate-b", "sk-rate-c")
+GUARDED_LIMITS = {"requests_per_minute": 10, "concurrent_requests": 2, "max_request_bytes": 2048}
+GUARDED_ORIGIN = "https://chat.example.org"
+
+
+def guarded_server_args(checkpoint: Path) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--threads", "1", "--cors-origins", GUARDED_ORIGIN, "--enable-docs",
+            "--allowed-hosts", "api.example.org,127.0.0.1",
+            "--max-request-bytes", str(GUARDED_LIMITS["max_request_bytes"]),
+            "--key-requests-per-minute", str(GUARDED_LIMITS["requests_per_minute"]),
+            "--key-concurrent-requests", str(GUARDED_LIMITS["concurrent_requests"])]
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tmp_path_factory) -> ServerProcess:
+    root = tmp_path_factory.mktemp("guarded")
+    checkpoint = make_checkpoint(root / "model_00007.pt", seed=7, step=7)
+    server = ServerProcess(args=guarded_server_args(checkpoint), env={"NANOGPT_API_KEYS": ",".join(GUARDED_KEYS)},
+                           log_path=root / "server.log").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def openai_client(deployment):
     openai = pytest.importorskip("openai")
