@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 from nanogpt_core.model import GPTConfig
 
+AUTOCAST_MODES = ("auto", "bf16", "off")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -48,6 +50,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per process; 0 shares the cores among local processes
     compile: bool = False
+    # bf16 autocast: "auto" turns it on for CUDA only (on the CPUs this was tuned on fp32 is
+    # faster); "bf16" turns it on for any device, so a CPU run takes the GPU's precision path
+    autocast: str = "auto"  # auto | bf16 | off
     # where the pretraining text comes from (see nanogpt_core.data)
     data_source: str = "demo"
 
@@ -59,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must lie in [0, max_steps={self.max_steps}]")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
         if self.min_lr > self.max_lr:
             raise ValueError(f"min_lr ({self.min_lr}) exceeds max_lr ({self.max_lr})")
 

@@ -79,21 +79,23 @@ def configure_backend(cfg: TrainConfig, ctx: DistContext) -> None:
         torch.set_num_threads(cfg.threads or max(1, cores // ctx.local_world_size))
 
 
-def autocast_context(ctx: DistContext) -> contextlib.AbstractContextManager:
-    if ctx.device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # CPUs here lack bf16 hardware: fp32 is the fast path
+def autocast_context(ctx: DistContext, mode: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; on a CPU only when asked for ("auto" keeps fp32, the faster path there)."""
+    if mode == "bf16" or (mode == "auto" and ctx.device_type == "cuda"):
+        return torch.autocast(device_type=ctx.device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def evaluate_val_loss(model: torch.nn.Module, loader: BatchSource, steps: int, ctx: DistContext) -> float:
+def evaluate_val_loss(model: torch.nn.Module, loader: BatchSource, steps: int, ctx: DistContext,
+                      autocast: str = "auto") -> float:
     """Mean loss over the first `steps` validation batches, averaged over ranks."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=ctx.device)
     for _ in range(steps):
         x, y = (t.to(ctx.device) for t in loader.next_batch())
-        with autocast_context(ctx):
+        with autocast_context(ctx, autocast):
             _, loss = model(x, y, return_logits=False)
         total += loss.float() / steps
     model.train()
@@ -190,6 +192,7 @@ class LoopPlan:
     keep_last: int
     seq_len: int  # for the FLOPs estimate behind MFU
     compile: bool = False
+    autocast: str = "auto"  # see TrainConfig.autocast
     # extra per-step fields for metrics.jsonl, e.g. the fine-tuning epoch
     progress: Callable[[], dict[str, Any]] | None = None
 
@@ -238,7 +241,7 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
         lr_at=functools.partial(cosine_lr, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                                 max_steps=cfg.max_steps),
         val_every=cfg.val_every, val_steps=cfg.val_steps, checkpoint_every=cfg.checkpoint_every,
-        keep_last=cfg.keep_last, seq_len=cfg.seq_len, compile=cfg.compile)
+        keep_last=cfg.keep_last, seq_len=cfg.seq_len, compile=cfg.compile, autocast=cfg.autocast)
     return run_training(model, optimizer, plan, train_loader, val_loader, ctx=ctx, out_dir=out_dir,
                         lineage=lineage, run_config=cfg.to_dict(), resume=resume, observer=observer)
 
@@ -313,7 +316,7 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
         step_started = time.perf_counter()
         record: dict[str, Any] = {"step": step}
         if val_loader is not None and step % plan.val_every == 0:
-            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx)
+            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx, plan.autocast)
             record["val_loss"] = val_loss
             if step == 0:
                 initial_val_loss = val_loss
@@ -329,7 +332,7 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
             x, y = x.to(ctx.device), y.to(ctx.device)
             # Gradients are averaged across ranks only on the last micro-step.
             sync = micro_step == plan.grad_accum - 1 or not ctx.is_distributed
-            with (contextlib.nullcontext() if sync else run_model.no_sync()), autocast_context(ctx):
+            with (contextlib.nullcontext() if sync else run_model.no_sync()), autocast_context(ctx, plan.autocast):
                 _, loss = run_model(x, y, return_logits=False)
                 loss = loss / plan.grad_accum
             loss_accum += loss.detach()
@@ -363,7 +366,7 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
 
         last_step = step == max_steps - 1
         if last_step and val_loader is not None:
-            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx)
+            val_loss = evaluate_val_loss(run_model, val_loader, plan.val_steps, ctx, plan.autocast)
         if (step + 1) % plan.checkpoint_every == 0 or last_step:
             rng_states = gather_to_all(capture_rng_state(), ctx)  # a collective: every rank joins
             rank_fingerprints = gather_to_all(weights_fingerprint(model), ctx)
