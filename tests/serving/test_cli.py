@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import httpx
 import pytest
 
+from serving.cli import build_parser, settings_from_args
 from serving.settings import (
+    LOBECHAT_LOCAL_ORIGINS,
     ServerSettings,
     SettingsError,
     collect_api_keys,
@@ -112,6 +115,57 @@ def test_settings_rules(tmp_path):
     assert settings.manifest == tmp_path / "current.json" and settings.max_batch == 4
     with pytest.raises(SettingsError, match="NANOGPT_MAX_BATCH"):
         settings_from_environment({**env, "NANOGPT_MAX_BATCH": "many"})
+
+
+def test_guard_defaults_follow_the_address(tmp_path):
+    loopback = ServerSettings(checkpoint=tmp_path / "m.pt")
+    assert loopback.cors_origins == LOBECHAT_LOCAL_ORIGINS
+    assert loopback.host_patterns == ("localhost", "127.0.0.1", "::1")
+    assert ServerSettings(checkpoint=tmp_path / "m.pt", host="127.0.0.2").host_patterns[-1] == "127.0.0.2"
+    public = ServerSettings(checkpoint=tmp_path / "m.pt", host="0.0.0.0", api_keys=("k",))
+    assert public.host_patterns == ("*",)  # keys are required there, which a rebound page lacks
+    assert ServerSettings(checkpoint=tmp_path / "m.pt", allowed_hosts=("api.example.org",)).host_patterns == (
+        "api.example.org",)
+    assert loopback.max_request_bytes == 1024 * 1024 and not loopback.enable_docs
+    assert loopback.key_requests_per_minute == 0 and loopback.key_concurrent_requests == 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cors_origins", ("http://localhost:3210/",), "CORS origin 'http://localhost:3210/'"),
+    ("cors_origins", ("localhost:3210",), "CORS origin 'localhost:3210'"),
+    ("allowed_hosts", ("https://api.example.org",), "allowed host 'https://api.example.org'"),
+    ("allowed_hosts", ("api.example.org:443",), "allowed host 'api.example.org:443'"),
+    ("max_request_bytes", 0, "max_request_bytes"),
+    ("key_requests_per_minute", -1, "key_requests_per_minute"),
+    ("rate_limit_storage", "mongodb://db:27017", "rate limit storage 'mongodb://db:27017'"),
+    ("rate_limit_storage", "127.0.0.1:6379", "rate limit storage '127.0.0.1:6379'"),
+])
+def test_guard_settings_name_what_is_wrong(tmp_path, field, value, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        ServerSettings(checkpoint=tmp_path / "m.pt", **{field: value})
+
+
+def test_guard_options_from_flags_and_environment(checkpoint):
+    args = build_parser().parse_args([
+        "--checkpoint", str(checkpoint), "--cors-origins", "https://chat.example.org, http://localhost:3210",
+        "--allowed-hosts", "api.example.org,*.example.net,[::1]", "--max-request-bytes", "4096", "--enable-docs",
+        "--key-requests-per-minute", "60", "--key-concurrent-requests", "4",
+        "--rate-limit-storage", "redis://127.0.0.1:6379/0", "--rate-limit-namespace", "prod"])
+    from_flags = settings_from_args(args)
+    from_env = settings_from_environment({
+        "NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_CORS_ORIGINS": "https://chat.example.org,http://localhost:3210",
+        "NANOGPT_ALLOWED_HOSTS": "api.example.org, *.example.net, [::1]", "NANOGPT_MAX_REQUEST_BYTES": "4096",
+        "NANOGPT_ENABLE_DOCS": "yes", "NANOGPT_KEY_REQUESTS_PER_MINUTE": "60", "NANOGPT_KEY_CONCURRENT_REQUESTS": "4",
+        "NANOGPT_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0", "NANOGPT_RATE_LIMIT_NAMESPACE": "prod"})
+    assert from_flags == from_env
+    assert from_env.cors_origins == ("https://chat.example.org", "http://localhost:3210")
+    assert from_env.allowed_hosts == ("api.example.org", "*.example.net", "[::1]") and from_env.enable_docs
+    assert from_env.key_requests_per_minute == 60 and from_env.rate_limit_storage.startswith("redis://")
+    defaults = settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint)})
+    assert defaults == settings_from_args(build_parser().parse_args(["--checkpoint", str(checkpoint)]))
+    assert settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_CORS_ORIGINS": ""}).cors_origins == ()
+    with pytest.raises(SettingsError, match="NANOGPT_ENABLE_DOCS='maybe'"):
+        settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_ENABLE_DOCS": "maybe"})
 
 
 def test_gunicorn_config_applies_the_same_rule(checkpoint):
