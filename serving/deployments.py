@@ -20,7 +20,7 @@ from typing import Any
 
 from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
 from serving.engine import Engine, EngineMetrics
-from serving.errors import model_not_found
+from serving.errors import model_not_found, model_replaced
 from serving.kv_decoder import BatchDecoder
 from serving.manifest import Manifest, ManifestError, read_manifest
 from serving.schemas import ModelCard
@@ -99,6 +99,8 @@ class ModelRegistry:
     def __init__(self, current: ServedModel):
         self._current = current
         self._retiring: list[ServedModel] = []
+        # Names served before a swap, so that a client pinned to one learns what replaced it.
+        self._replaced_names: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -109,7 +111,9 @@ class ModelRegistry:
         current = self._current
         if name is None or name in current.names:
             return current
-        raise model_not_found(name)
+        if name in self._replaced_names:
+            raise model_replaced(name, current.names)
+        raise model_not_found(name, current.names)
 
     def engines(self) -> list[Engine]:
         with self._lock:
@@ -119,6 +123,8 @@ class ModelRegistry:
         with self._lock:
             old, self._current = self._current, new
             self._retiring.append(old)
+            self._replaced_names.update(old.names)
+            self._replaced_names.difference_update(new.names)
         log.info("now serving %s (was %s); the old engine finishes its requests", new.checkpoint_name,
                  old.checkpoint_name)
         old.engine.close()

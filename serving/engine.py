@@ -7,6 +7,13 @@ delays the running streams by one chunk per step rather than by the whole prompt
 request whose prompt is done joins the batch. Each step runs one batched forward pass for
 all running samples, picks each one's next token, and hands the new text to the request's
 asyncio queue. A sample leaves the batch as soon as it ends or its client goes away.
+
+A failure in one request's own work (its prefill, its sampling, its stop-string scan, its
+detokenization) ends that request alone: its samples leave the batch the way finished ones
+do, and the other rows of the KV cache are untouched. Only a failure of the shared batched
+forward pass fails every running request; the cache is then reset and the engine carries
+on with the next ones. Clients are told a request id, never the exception: the log has
+the exception under the same id.
 """
 
 from __future__ import annotations
@@ -40,8 +47,25 @@ class EngineClosed(Exception):
     """The engine is draining for a swap (or shutting down) and takes no new requests."""
 
 
+GENERIC_FAILURE_MESSAGE = "The server had an error while processing your request."
+
+
 class EngineFailed(Exception):
-    """The engine hit an internal error while running this request."""
+    """The engine hit an internal error while running this request (logged under its request id)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        super().__init__(f"{GENERIC_FAILURE_MESSAGE} Request id: {request_id}.")
+
+
+class RequestRejected(ValueError):
+    """The request asks for something this engine cannot do; the client is at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
 
 
 class EngineMetrics(Protocol):
@@ -68,6 +92,10 @@ class ChoiceEvent:
 _ids = itertools.count()
 
 
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(16)}"
+
+
 class Generation:
     """A request's `n` samples of one prompt, as the API handler sees them.
 
@@ -76,14 +104,16 @@ class Generation:
     """
 
     def __init__(self, prompt_tokens: list[int], params: SamplingParams, n: int = 1,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, request_id: str | None = None):
         self.id = next(_ids)
+        self.request_id = request_id or new_request_id()
         self.prompt_tokens = prompt_tokens
         self.params = params
         self.n = n
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue[ChoiceEvent | BaseException] = asyncio.Queue()
         self.cancelled = False
+        self.failed = False
         self.completion_tokens = 0
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -179,8 +209,7 @@ class Engine:
         return self
 
     def submit(self, generation: Generation) -> None:
-        if generation.n > self.decoder.max_batch:
-            raise ValueError(f"n={generation.n} exceeds the batch size {self.decoder.max_batch}")
+        self._check_fits(generation)
         with self._cond:
             if self._closing or self._stopping:
                 raise EngineClosed(self.name)
@@ -189,6 +218,20 @@ class Engine:
             generation._engine = self
             self._pending.append(generation)
             self._cond.notify()
+
+    def _check_fits(self, generation: Generation) -> None:
+        if generation.n > self.decoder.max_batch:
+            raise RequestRejected(f"n={generation.n} exceeds this server's batch size {self.decoder.max_batch}.",
+                                  param="n")
+        if not generation.prompt_tokens:
+            raise RequestRejected("The prompt is empty.", param="prompt")
+        # The last sampled token is never fed back, so the cache holds at most this many.
+        needed = len(generation.prompt_tokens) + generation.params.max_tokens - 1
+        if needed > self.decoder.max_len:
+            raise RequestRejected(
+                f"The prompt ({len(generation.prompt_tokens)} tokens) and max_tokens "
+                f"({generation.params.max_tokens}) exceed the context of {self.decoder.max_len} tokens.",
+                param="max_tokens", code="context_length_exceeded")
 
     def close(self) -> None:
         """Take no new requests; finish those already accepted, then stop the thread."""
@@ -234,9 +277,11 @@ class Engine:
                 try:
                     with torch.inference_mode():
                         self._step()
-                except Exception as exc:
-                    log.exception("%s: generation step failed", self.name)
-                    self._fail_running(EngineFailed(f"the engine failed: {exc}"))
+                except Exception:
+                    running = sorted(self._running_generations(), key=lambda g: g.id)
+                    log.exception("%s: a generation step failed; failing requests %s", self.name,
+                                  ", ".join(g.request_id for g in running) or "(none)")
+                    self._fail_running()
         finally:
             self._fail_all(EngineClosed(f"{self.name} stopped"))
             self.drained.set()
@@ -266,12 +311,18 @@ class Engine:
                 self._prefilling = None
                 continue
             chunk = gen.prompt_tokens[self._prefilled:self._prefilled + budget]
-            logits = self.decoder.prefill(self.decoder.staging_slot, chunk)
+            try:
+                # Only the staging slot is written, so a failure here touches no running sample.
+                logits = self.decoder.prefill(self.decoder.staging_slot, chunk).cpu()
+            except Exception as exc:
+                self._prefilling = None
+                self._fail_generation(gen, exc, "prefill")
+                continue
             self._prefilled += len(chunk)
             budget -= len(chunk)
             if self._prefilled == len(gen.prompt_tokens):
                 self._prefilling = None
-                self._start_samples(gen, logits.cpu())
+                self._start_samples(gen, logits)
 
     def _admit(self) -> bool:
         with self._cond:
@@ -283,18 +334,21 @@ class Engine:
         return True
 
     def _start_samples(self, gen: Generation, logits: torch.Tensor) -> None:
-        for index in range(gen.n):
+        try:
+            sequences = [_Sequence(gen, index) for index in range(gen.n)]
+        except Exception as exc:
+            self._fail_generation(gen, exc, "setup")
+            return
+        for seq in sequences:
             slot = self.decoder.allocate(copy_from=self.decoder.staging_slot)
-            seq = _Sequence(gen, index)
             self._active.append(seq)
             assert len(self._active) == slot + 1
+        for seq in sequences:
             self._sample(seq, logits)
         gen.first_token_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.observe_time_to_first_token(gen.first_token_at - gen.submitted_at)
-        for slot in reversed(range(len(self._active))):
-            if self._active[slot].finished:
-                self._retire(slot)
+        self._retire_finished()
 
     def _decode(self) -> None:
         # Sampling runs on the CPU, where each sample's generator lives.
@@ -303,12 +357,36 @@ class Engine:
             self._sample(seq, row)
         if self.metrics is not None:
             self.metrics.add_completion_tokens(len(self._active))
+        self._retire_finished()
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Pick and hand over one sample's next token; a failure here is that request's alone."""
+        if seq.finished:  # another sample of its request failed in this step
+            return
+        try:
+            seq.accept(sample_token(logits, seq.generation.params, seq.generator, seq.counts), self._token_bytes)
+        except Exception as exc:
+            self._fail_generation(seq.generation, exc, "sampling")
+
+    def _fail_generation(self, gen: Generation, exc: Exception, stage: str) -> None:
+        """End one request with an error; its samples leave the batch at the next retirement."""
+        if isinstance(exc, RequestRejected):
+            error: BaseException = exc
+            log.info("%s: request %s rejected during %s: %s", self.name, gen.request_id, stage, exc.message)
+        else:
+            error = EngineFailed(gen.request_id)
+            log.error("%s: request %s failed during %s", self.name, gen.request_id, stage, exc_info=exc)
+        for seq in self._active:
+            if seq.generation is gen:
+                seq.finished = True
+        if not gen.failed:
+            gen.failed = True
+            gen.post(error)
+
+    def _retire_finished(self) -> None:
         for slot in reversed(range(len(self._active))):
             if self._active[slot].finished:
                 self._retire(slot)
-
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        seq.accept(sample_token(logits, seq.generation.params, seq.generator, seq.counts), self._token_bytes)
 
     def _retire(self, slot: int) -> None:
         moved = self.decoder.release(slot)
@@ -316,12 +394,18 @@ class Engine:
             self._active[slot] = self._active[moved]
         self._active.pop()
 
-    def _fail_running(self, error: BaseException) -> None:
-        failed = {id(seq.generation): seq.generation for seq in self._active}
+    def _running_generations(self) -> list[Generation]:
+        running = {id(seq.generation): seq.generation for seq in self._active}
         if self._prefilling is not None:
-            failed[id(self._prefilling)] = self._prefilling
-        for gen in failed.values():
-            gen.post(error)
+            running[id(self._prefilling)] = self._prefilling
+        return list(running.values())
+
+    def _fail_running(self, error: BaseException | None = None) -> None:
+        """Fail every request in the batch or in prefill (each with its own request id) and reset the cache."""
+        for gen in self._running_generations():
+            if not gen.failed:
+                gen.failed = True
+                gen.post(error if error is not None else EngineFailed(gen.request_id))
         self._active.clear()
         self._prefilling = None
         if self.decoder is not None:

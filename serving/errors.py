@@ -3,6 +3,10 @@
 FastAPI's own answers (a 422 with a `detail` list, a 404 `{"detail": "Not Found"}`) would
 break clients that parse OpenAI's body, so every handler here returns the OpenAI shape, and
 anything unexpected becomes a 500 in that shape rather than a bare traceback.
+
+No exception text ever reaches a client: a server-side failure is logged with a request id,
+and the client gets a generic message carrying that id (also in the `x-request-id` header)
+so that the two can be matched up.
 """
 
 from __future__ import annotations
@@ -14,9 +18,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.engine import GENERIC_FAILURE_MESSAGE, new_request_id
 from serving.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("serving")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_id_of(request: Request) -> str:
+    """The id this request's failures are logged under; made on first use."""
+    request_id = getattr(request.state, "request_id", None)
+    if request_id is None:
+        request_id = request.state.request_id = new_request_id()
+    return request_id
+
+
+def _known_request_id(request: Request) -> dict[str, str]:
+    request_id = getattr(request.state, "request_id", None)
+    return {REQUEST_ID_HEADER: request_id} if request_id else {}
 
 
 class APIError(Exception):
@@ -47,8 +67,21 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(400, message, param=param, code=code)
 
 
-def model_not_found(name: str) -> APIError:
-    return APIError(404, f"The model '{name}' does not exist; GET /v1/models lists the models served here.",
+def server_error(request_id: str) -> APIError:
+    return APIError(500, f"{GENERIC_FAILURE_MESSAGE} Request id: {request_id}.", type="server_error",
+                    headers={REQUEST_ID_HEADER: request_id})
+
+
+def model_not_found(name: str, served: tuple[str, ...]) -> APIError:
+    listed = " or ".join(f"'{n}'" for n in served)
+    return APIError(404, f"The model '{name}' does not exist; this server serves {listed} (GET /v1/models).",
+                    param="model", code="model_not_found")
+
+
+def model_replaced(name: str, served: tuple[str, ...]) -> APIError:
+    alias, checkpoint = served
+    return APIError(404, f"The model '{name}' is no longer served: it was replaced by '{checkpoint}', "
+                         f"which is also available as '{alias}'.",
                     param="model", code="model_not_found")
 
 
@@ -68,11 +101,22 @@ def overloaded(retry_after_s: int = 1) -> APIError:
                     code="server_overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
+def _most_telling(errors: list[dict]) -> dict:
+    """The first error about the first faulty field, preferring one that says more than "wrong type".
+
+    For a field that may be a string or a list, pydantic reports one error per form; a list
+    that is too long also fails as "not a string", which is the less useful of the two.
+    """
+    field = errors[0].get("loc", ())[:2]
+    same_field = [e for e in errors if e.get("loc", ())[:2] == field]
+    return next((e for e in same_field if not str(e.get("type", "")).endswith("_type")), errors[0])
+
+
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None
-    first = errors[0]
+    first = _most_telling(errors)
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request: it is not valid JSON.", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -81,7 +125,7 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     loc = [p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "float", "bool"}
            and not p.startswith(("constrained-", "function-"))]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         return f"Missing required parameter: '{param}'.", param
     if param is None:
@@ -93,7 +137,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
+                              headers={**_known_request_id(request), **(exc.headers or {})})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -108,10 +153,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             return error_response(405, f"Method {request.method} is not allowed for {request.url.path}.",
                                   code="method_not_allowed")
-        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None))
+        headers = {**_known_request_id(request), **(getattr(exc, "headers", None) or {})}
+        if exc.status_code >= 500:
+            request_id = request_id_of(request)
+            log.error("request %s: %s %s answered %d: %s", request_id, request.method, request.url.path,
+                      exc.status_code, exc.detail)
+            return error_response(exc.status_code, f"{GENERIC_FAILURE_MESSAGE} Request id: {request_id}.",
+                                  type="server_error", headers={**headers, REQUEST_ID_HEADER: request_id})
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an error while processing your request.", type="server_error")
+        request_id = request_id_of(request)
+        log.error("request %s: unexpected error on %s %s", request_id, request.method, request.url.path,
+                  exc_info=exc)
+        return server_error(request_id).response()

@@ -4,11 +4,16 @@ A request is validated, turned into prompt tokens and sampling parameters, and s
 to the current model's engine; the answer is either collected into one response or sent
 as server-sent events while the engine produces it. Either way a client that goes away
 cancels its generation.
+
+Tokenizing runs in a worker thread, so that a long prompt does not hold up the event loop
+(and with it every other request and /health). A response names the model as the client
+did: the alias, or the checkpoint name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,8 +26,24 @@ from pydantic import BaseModel
 from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
 from nanogpt_core.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 from serving.deployments import ModelRegistry, ServedModel
-from serving.engine import ChoiceEvent, EngineClosed, EngineFailed, Generation, QueueFull, token_bytes_table
-from serving.errors import APIError, context_length_exceeded, invalid_request, overloaded
+from serving.engine import (
+    ChoiceEvent,
+    EngineClosed,
+    EngineFailed,
+    Generation,
+    QueueFull,
+    RequestRejected,
+    token_bytes_table,
+)
+from serving.errors import (
+    REQUEST_ID_HEADER,
+    APIError,
+    context_length_exceeded,
+    invalid_request,
+    overloaded,
+    request_id_of,
+    server_error,
+)
 from serving.metrics import ServerMetrics
 from serving.sampling import SampledToken, SamplingParams
 from serving.schemas import (
@@ -48,11 +69,16 @@ from serving.schemas import (
 from serving.settings import ServerSettings
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("serving.api")
 
-SYSTEM_FINGERPRINT = "nanogpt-pipeline"
 _SUBMIT_ATTEMPTS = 3  # a swap can close an engine between resolving a model and submitting to it
 _DISCONNECT_POLL_S = 0.25
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+
+
+def system_fingerprint(served: ServedModel) -> str:
+    """OpenAI's field for the backend behind an answer: here, the checkpoint that produced it."""
+    return f"nanogpt-pipeline/{served.checkpoint_name}"
 
 
 # --- models --------------------------------------------------------------------------------
@@ -74,13 +100,10 @@ def retrieve_model(model_name: str, request: Request):
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    request_id_of(request)
     served = _registry(request).resolve(body.model)
-    try:
-        prompt = chat_to_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                 for m in body.messages])
-    except ValueError as e:
-        raise invalid_request(str(e), param="messages") from None
-    prompt_tokens = prompt_token_ids(prompt)  # exactly the tokens fine-tuning trained on
+    _check_request_size(1, body.n or 1, _settings(request))
+    prompt_tokens = await asyncio.to_thread(_chat_prompt_tokens, body)
     top_logprobs = body.top_logprobs or 0
     job = _Job(prompts=[prompt_tokens], n=body.n or 1, stream=bool(body.stream),
                include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -89,23 +112,57 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _run(job, request, body.model, served, chat=True)
 
 
+def _chat_prompt_tokens(body: ChatCompletionRequest) -> list[int]:
+    try:
+        prompt = chat_to_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                 for m in body.messages])
+    except ValueError as e:
+        raise invalid_request(str(e), param="messages") from None
+    return prompt_token_ids(prompt)  # exactly the tokens fine-tuning trained on
+
+
 # --- completions ---------------------------------------------------------------------------
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
+    request_id_of(request)
     served = _registry(request).resolve(body.model)
-    prompts = _completion_prompts(body.prompt)
-    if len(prompts) * (body.n or 1) > 64:
-        raise invalid_request("At most 64 completions (prompts times n) per request.", param="prompt")
-    logprobs = body.logprobs is not None
     settings = _settings(request)
+    _check_request_size(_prompt_count(body.prompt), body.n or 1, settings)
+    prompts = await asyncio.to_thread(_completion_prompts, body.prompt)
+    echoed = await asyncio.to_thread(_echoed_prompts, prompts) if body.echo else None
+    logprobs = body.logprobs is not None
     params = [_sampling_params(body, body.max_tokens, p, served, settings, logprobs=logprobs,
                                top_logprobs=body.logprobs or 0) for p in prompts]
     job = _Job(prompts=prompts, n=body.n or 1, stream=bool(body.stream),
                include_usage=bool(body.stream_options and body.stream_options.include_usage),
-               params=params[0], per_prompt_params=params, echo=bool(body.echo))
+               params=params[0], per_prompt_params=params, echoed=echoed)
     return await _run(job, request, body.model, served, chat=False)
+
+
+def max_completions_per_request(settings: ServerSettings) -> int:
+    """Half the queue, so that no single request can fill it and shut everyone else out."""
+    return max(1, settings.max_queue // 2)
+
+
+def _check_request_size(prompt_count: int, n: int, settings: ServerSettings) -> None:
+    limit = max_completions_per_request(settings)
+    if prompt_count * n > limit:
+        raise invalid_request(
+            f"This request asks for {prompt_count * n} completions ({prompt_count} prompts, n={n}); "
+            f"this server takes at most {limit} per request.", param="n" if n > 1 else "prompt")
+
+
+def _prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
+def _echoed_prompts(prompts: list[list[int]]) -> list[str]:
+    enc = get_tokenizer()
+    return [enc.decode([t for t in p if t != EOT_TOKEN]) for p in prompts]
 
 
 def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -142,7 +199,7 @@ class _Job:
     include_usage: bool
     params: SamplingParams
     per_prompt_params: list[SamplingParams] | None = None
-    echo: bool = False
+    echoed: list[str] | None = None  # each prompt's text, when the client asked for it back
 
     def params_for(self, i: int) -> SamplingParams:
         return self.per_prompt_params[i] if self.per_prompt_params else self.params
@@ -203,16 +260,19 @@ def _sampling_params(body, requested_max: int | None, prompt_tokens: Sequence[in
 def _submit(job: _Job, request: Request, model_name: str | None,
             served: ServedModel) -> tuple[list[Generation], ServedModel]:
     """Queue one generation per prompt on the named model's engine; all or none."""
+    request_id = request_id_of(request)
     for _ in range(_SUBMIT_ATTEMPTS):
         generations: list[Generation] = []
         try:
             for i, prompt in enumerate(job.prompts):
-                generation = Generation(prompt, job.params_for(i), job.n)
+                generation = Generation(prompt, job.params_for(i), job.n, request_id=request_id)
                 served.engine.submit(generation)
                 generations.append(generation)
-        except (QueueFull, EngineClosed) as e:
+        except (QueueFull, EngineClosed, RequestRejected) as e:
             for generation in generations:
                 generation.cancel()
+            if isinstance(e, RequestRejected):
+                raise invalid_request(e.message, param=e.param, code=e.code) from None
             if isinstance(e, QueueFull):
                 raise overloaded() from None
             # A new deployment was installed in between: the alias now names it.
@@ -225,19 +285,26 @@ def _submit(job: _Job, request: Request, model_name: str | None,
 
 async def _run(job: _Job, request: Request, model_name: str | None, served: ServedModel, *, chat: bool):
     generations, served = _submit(job, request, model_name, served)
-    render = _ChatRender(job, served) if chat else _CompletionRender(job, served)
+    # The name the client asked for (alias or checkpoint), as OpenAI echoes it.
+    shown_name = model_name or served.model_id
+    render_class = _ChatRender if chat else _CompletionRender
+    render = render_class(job, shown_name, system_fingerprint(served))
+    request_id = request_id_of(request)
     if job.stream:
-        return StreamingResponse(_event_stream(generations, render, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_event_stream(generations, render, job, request_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          REQUEST_ID_HEADER: request_id})
     try:
         result = await _collect_unless_disconnected(generations, render, request)
         if result is None:
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
-    except EngineFailed as e:
-        raise APIError(500, str(e), type="server_error") from None
+    except EngineFailed:
+        raise server_error(request_id) from None  # the engine logged the cause under this id
+    except RequestRejected as e:
+        raise invalid_request(e.message, param=e.param, code=e.code) from None
     except EngineClosed:
         raise overloaded() from None
-    return JSONResponse(result.model_dump(mode="json"))
+    return JSONResponse(result.model_dump(mode="json"), headers={REQUEST_ID_HEADER: request_id})
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
@@ -293,24 +360,41 @@ async def _collect_unless_disconnected(generations: list[Generation], render, re
             generation.cancel()
 
 
-async def _event_stream(generations: list[Generation], render, job: _Job) -> AsyncIterator[str]:
+async def _event_stream(generations: list[Generation], render, job: _Job, request_id: str) -> AsyncIterator[str]:
+    """The response's events; a failure ends the stream with an OpenAI error event, then [DONE]."""
     try:
-        for chunk in render.opening_chunks():
-            yield _sse(chunk, job.include_usage)
-        async for i, event in _merged(generations):
-            for chunk in render.chunks(i, event):
+        try:
+            for chunk in render.opening_chunks():
                 yield _sse(chunk, job.include_usage)
-        if job.include_usage:
-            yield _sse(render.usage_chunk(generations), True)
+            async for i, event in _merged(generations):
+                for chunk in render.chunks(i, event):
+                    yield _sse(chunk, job.include_usage)
+            if job.include_usage:
+                yield _sse(render.usage_chunk(generations), True)
+        except Exception as e:
+            yield _sse_error(_stream_error(e, request_id))
         yield "data: [DONE]\n\n"
-    except (EngineFailed, EngineClosed) as e:
-        kind = "server_error"
-        yield f"data: {ErrorResponse(error=ErrorDetail(message=str(e), type=kind)).model_dump_json()}\n\n"
     finally:
         # Runs when the stream ends and also when the client disconnects (the task is
         # cancelled): either way the engine drops the samples at its next step.
         for generation in generations:
             generation.cancel()
+
+
+def _stream_error(error: Exception, request_id: str) -> APIError:
+    if isinstance(error, RequestRejected):
+        return invalid_request(error.message, param=error.param, code=error.code)
+    if isinstance(error, EngineClosed):
+        return overloaded()
+    if not isinstance(error, EngineFailed):  # the engine logs its own failures
+        log.error("request %s: streaming failed", request_id, exc_info=error)
+    return server_error(request_id)
+
+
+def _sse_error(error: APIError) -> str:
+    body = ErrorResponse(error=ErrorDetail(message=error.message, type=error.type, param=error.param,
+                                           code=error.code))
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 def _sse(chunk: BaseModel, include_usage: bool) -> str:
@@ -341,11 +425,12 @@ def _chat_logprobs(tokens: list[SampledToken]) -> ChoiceLogprobs:
 class _ChatRender:
     """Builds chat.completion and chat.completion.chunk objects from engine events."""
 
-    def __init__(self, job: _Job, served: ServedModel):
+    def __init__(self, job: _Job, model_name: str, fingerprint: str):
         self.job = job
         self.id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
-        self.model = served.checkpoint_name
+        self.model = model_name
+        self.fingerprint = fingerprint
         self.texts = [[] for _ in range(job.n)]
         self.tokens: list[list[SampledToken]] = [[] for _ in range(job.n)]
         self.finish: list[str | None] = [None] * job.n
@@ -362,12 +447,12 @@ class _ChatRender:
                               finish_reason=self.finish[i] or "stop")
                    for i in range(self.job.n)]
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
-                              system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
+                              system_fingerprint=self.fingerprint, choices=choices,
                               usage=_usage(self.job, generations))
 
     def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   system_fingerprint=SYSTEM_FINGERPRINT, choices=choices)
+                                   system_fingerprint=self.fingerprint, choices=choices)
 
     def opening_chunks(self) -> list[ChatCompletionChunk]:
         return [self._chunk([ChatChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
@@ -394,17 +479,17 @@ class _ChatRender:
 class _CompletionRender:
     """Builds text_completion objects; choice index = prompt position * n + sample index."""
 
-    def __init__(self, job: _Job, served: ServedModel):
+    def __init__(self, job: _Job, model_name: str, fingerprint: str):
         self.job = job
         self.id = f"cmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
-        self.model = served.checkpoint_name
+        self.model = model_name
+        self.fingerprint = fingerprint
         count = len(job.prompts) * job.n
         self.texts = [[] for _ in range(count)]
         self.tokens: list[list[SampledToken]] = [[] for _ in range(count)]
         self.finish: list[str | None] = [None] * count
-        enc = get_tokenizer()
-        self.echoed = [enc.decode([t for t in p if t != EOT_TOKEN]) if job.echo else "" for p in job.prompts]
+        self.echoed = job.echoed or [""] * len(job.prompts)
 
     def _index(self, prompt: int, event: ChoiceEvent) -> int:
         return prompt * self.job.n + event.index
@@ -434,11 +519,11 @@ class _CompletionRender:
             choices.append(CompletionChoice(
                 index=i, text=echoed + "".join(self.texts[i]), finish_reason=self.finish[i] or "stop",
                 logprobs=self._logprobs(self.tokens[i], len(echoed)) if self.job.params.logprobs else None))
-        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=SYSTEM_FINGERPRINT,
+        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
                           choices=choices, usage=_usage(self.job, generations))
 
     def _chunk(self, choices: list[CompletionChoice]) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=SYSTEM_FINGERPRINT,
+        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
                           choices=choices)
 
     def opening_chunks(self) -> list[Completion]:

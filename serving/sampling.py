@@ -3,6 +3,12 @@
 Each sequence has its own `torch.Generator`, so a request with a `seed` draws the same
 numbers whatever else shares its batch. Logprobs are those of the model's distribution
 after penalties and logit bias, before temperature and truncation, as OpenAI reports them.
+
+A temperature below `GREEDY_BELOW_TEMPERATURE` is taken as greedy, as vLLM does: dividing
+by a temperature near zero sends the logits to infinity, and softmax of infinities is NaN.
+Above it, the logits are shifted so that the largest is 0 before they are divided, so that
+every scaled value is finite or -inf and at least one is exactly 0: the distribution is
+always well defined.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
+
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         for token, bias in params.logit_bias:
             logits[token] += bias
 
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW_TEMPERATURE:
         token = int(torch.argmax(logits))
     else:
-        scaled = logits / params.temperature
+        scaled = (logits - logits.max()) / params.temperature
         if params.top_k and params.top_k < scaled.numel():
             kth = torch.topk(scaled, params.top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, -math.inf)
         if params.top_p < 1.0:
             sorted_logits, order = torch.sort(scaled, descending=True)
             sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token once the ones before it already hold top_p of the mass; the best
-            # token always stays.
+            # Drop a token once the ones before it already hold top_p of the mass. The best
+            # token always stays, also for a top_p that rounds to 0 in float32.
             drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
+            drop[0] = False
             scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
         probs = torch.softmax(scaled, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# Held-back text and the stop-string matchers grow with a stop string's length; no real
+# stop string comes near this.
+MAX_STOP_SEQUENCE_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_N = 8
 
@@ -47,7 +50,7 @@ class _SamplingFields(_Request):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's; llama.cpp and vLLM take it
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's is an int64
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -55,6 +58,15 @@ class _SamplingFields(_Request):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences_are_short(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for s in [stop] if isinstance(stop, str) else stop or ():
+            if len(s) > MAX_STOP_SEQUENCE_CHARS:
+                raise ValueError(f"each stop sequence may be at most {MAX_STOP_SEQUENCE_CHARS} characters, "
+                                 f"got one of {len(s)}")
+        return stop
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:

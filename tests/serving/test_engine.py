@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanogpt_core.model import GPT, GPTConfig
-from serving.engine import Engine, EngineClosed, EngineFailed, Generation, QueueFull
+import serving.engine
+from serving.engine import Engine, EngineClosed, EngineFailed, Generation, QueueFull, RequestRejected
 from serving.kv_decoder import BatchDecoder, onednn_available
 from serving.sampling import SamplingParams
 
@@ -169,12 +170,108 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(model, monkeyp
         try:
             doomed = Generation([1, 2], SamplingParams(max_tokens=10, logprobs=True))
             engine.submit(doomed)
-            with pytest.raises(EngineFailed):
+            with pytest.raises(EngineFailed) as failed:
                 await asyncio.wait_for(collect(doomed), 10)
+            assert "simulated" not in str(failed.value)
+            assert failed.value.request_id == doomed.request_id and doomed.request_id in str(failed.value)
             fine = Generation([1, 2], SamplingParams(max_tokens=5, logprobs=True))
             engine.submit(fine)
             assert len((await asyncio.wait_for(collect(fine), 10))[0]) == 5
         finally:
             engine.stop()
+
+    asyncio.run(main())
+
+
+def expected_greedy(model: GPT, prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = greedy_reference(model, prompt, max_tokens)
+    return tokens[:tokens.index(50256)] if 50256 in tokens else tokens
+
+
+# Prompts that run side by side with a request that is made to fail.
+NEIGHBOURS = [[3, 4, 5], [60, 61], [7, 8, 9, 10, 11], [90]]
+
+
+async def run_beside(engine: Engine, victim: Generation, max_tokens: int = 16) -> list[list[int]]:
+    """Start the neighbours and the victim in one batch (the victim in a middle slot); the neighbours' tokens."""
+    neighbours = [Generation(p, SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True))
+                  for p in NEIGHBOURS]
+    for generation in [neighbours[0], victim, *neighbours[1:]]:
+        engine.submit(generation)
+    results = await asyncio.wait_for(asyncio.gather(*(collect(g) for g in neighbours)), 30)
+    return [r[0] for r in results]
+
+
+def test_a_sampling_failure_ends_only_its_own_request(model, monkeypatch):
+    real_sample_token = serving.engine.sample_token
+    victim_params = SamplingParams(max_tokens=16, temperature=0, logprobs=True, seed=666)
+    failed_while_running = []
+
+    def sample_token_failing_for_the_victim(logits, params, generator, counts):
+        if params is victim_params and sum(counts.values()) == 3:
+            failed_while_running.append(engine.active_sequences)
+            raise RuntimeError("injected sampling fault")
+        return real_sample_token(logits, params, generator, counts)
+
+    monkeypatch.setattr(serving.engine, "sample_token", sample_token_failing_for_the_victim)
+
+    async def main():
+        victim = Generation([20, 21, 22], victim_params, n=2)
+        try:
+            neighbours = await run_beside(engine, victim)
+            with pytest.raises(EngineFailed) as failed:
+                await asyncio.wait_for(collect(victim), 10)
+            after = Generation([40, 41], SamplingParams(max_tokens=5, temperature=0, logprobs=True))
+            engine.submit(after)
+            return neighbours, failed.value, victim, (await asyncio.wait_for(collect(after), 10))[0]
+        finally:
+            engine.stop()
+
+    engine = Engine(BatchDecoder(model, max_batch=6)).start()
+    neighbours, error, victim, after = asyncio.run(main())
+    assert failed_while_running and failed_while_running[0] >= 4  # it failed inside a running batch
+    for prompt, tokens in zip(NEIGHBOURS, neighbours, strict=True):
+        assert tokens == expected_greedy(model, prompt, 16)
+    assert error.request_id == victim.request_id and "injected" not in str(error)
+    assert after == expected_greedy(model, [40, 41], 5)
+
+
+def test_a_prefill_failure_ends_only_its_own_request(model, monkeypatch):
+    decoder = BatchDecoder(model, max_batch=6)
+    real_prefill = decoder.prefill
+    victim_prompt = [33, 34, 35, 36]
+
+    def prefill_failing_for_the_victim(slot, tokens):
+        if tokens == victim_prompt:
+            raise RuntimeError("injected prefill fault")
+        return real_prefill(slot, tokens)
+
+    monkeypatch.setattr(decoder, "prefill", prefill_failing_for_the_victim)
+
+    async def main():
+        victim = Generation(victim_prompt, SamplingParams(max_tokens=8, temperature=0))
+        try:
+            neighbours = await run_beside(engine, victim)
+            with pytest.raises(EngineFailed):
+                await asyncio.wait_for(collect(victim), 10)
+            return neighbours
+        finally:
+            engine.stop()
+
+    engine = Engine(decoder).start()
+    for prompt, tokens in zip(NEIGHBOURS, asyncio.run(main()), strict=True):
+        assert tokens == expected_greedy(model, prompt, 16)
+
+
+def test_a_request_that_cannot_fit_is_rejected_before_it_is_queued(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=2))
+        with pytest.raises(RequestRejected) as too_many:
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), n=3))
+        assert too_many.value.param == "n"
+        with pytest.raises(RequestRejected) as too_long:
+            engine.submit(Generation(list(range(90)), SamplingParams(max_tokens=8)))
+        assert too_long.value.code == "context_length_exceeded"
+        assert engine.queue_depth == 0
 
     asyncio.run(main())

@@ -23,7 +23,7 @@ async def _stream_chat(client, max_tokens: int, **extra) -> tuple[str, str, str,
                                                   stream=True, stream_options={"include_usage": True}, **extra)
     text, finish, model, usage = "", None, None, None
     async for chunk in stream:
-        model = chunk.model
+        model = chunk.system_fingerprint.rpartition("/")[2]  # the checkpoint that answered
         for choice in chunk.choices:
             text += choice.delta.content or ""
             finish = choice.finish_reason or finish

@@ -16,7 +16,8 @@ def test_chat_completion(openai_client):
     reply = openai_client.chat.completions.create(model="nanogpt", messages=MESSAGES, max_tokens=12)
     assert reply.id.startswith("chatcmpl-")
     assert reply.object == "chat.completion"
-    assert reply.model.startswith("model_") and reply.model.endswith(".pt")
+    assert reply.model == "nanogpt"  # the name asked for
+    assert reply.system_fingerprint.startswith("nanogpt-pipeline/model_")  # the checkpoint that answered
     [choice] = reply.choices
     assert choice.message.role == "assistant"
     assert isinstance(choice.message.content, str)
@@ -176,3 +177,10 @@ def test_unknown_model_raises_not_found(openai_client):
     with pytest.raises(openai.NotFoundError) as caught:
         openai_client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
     assert caught.value.code == "model_not_found"
+
+
+def test_a_temperature_far_below_any_useful_value_answers_with_the_greedy_text(openai_client):
+    def answer(temperature: float) -> str:
+        return openai_client.chat.completions.create(model="nanogpt", messages=MESSAGES, max_tokens=16,
+                                                     temperature=temperature).choices[0].message.content
+    assert answer(1e-39) == answer(0)

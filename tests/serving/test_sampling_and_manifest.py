@@ -71,3 +71,23 @@ def test_manifest_round_trip_and_validation(tmp_path):
     path.write_text("{half")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(path)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 5e-324, 1e-6])
+def test_a_temperature_near_zero_is_greedy(temperature):
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5])
+    params = SamplingParams(max_tokens=1, temperature=temperature, logprobs=True)
+    sampled = sample_token(logits, params, generator_for(0, 0), Counter())
+    assert sampled.token == 1
+    assert sampled.logprob == pytest.approx(float(torch.log_softmax(logits, dim=-1)[1]))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5, 1e-300])
+def test_small_temperatures_on_large_logits_still_sample_a_valid_token(top_p):
+    # 1e4 / 1e-5 = 1e9: fine in float32 once the largest logit is shifted to 0, where the
+    # unshifted values would give inf - inf = NaN in softmax.
+    logits = torch.tensor([1e4, 1e4 - 1e-3, -1e4, 0.0], dtype=torch.float16)
+    params = SamplingParams(max_tokens=1, temperature=1e-5, top_p=top_p, top_k=3,
+                            logit_bias=((2, 100.0),), frequency_penalty=2.0)
+    drawn = {sample_token(logits, params, generator_for(s, 0), Counter({3: 5})).token for s in range(20)}
+    assert drawn <= {0, 1}
