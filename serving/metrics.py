@@ -1,23 +1,39 @@
 """Prometheus metrics: requests, tokens, time to first token, queue depth, running samples.
 
-Each app has its own collector registry, so several apps in one process (tests) do not
-collide. Under gunicorn every worker answers /metrics for itself; see docs/DEPLOYMENT.md.
+In one process each app has its own collector registry, so several apps in one process
+(tests) do not collide. Under gunicorn (PROMETHEUS_MULTIPROC_DIR set, see gunicorn_config.py)
+every worker writes its values to files in that folder, and whichever worker answers
+/metrics reports the sum over all of them: counters and histograms of every worker that ever
+ran, gauges of the workers alive now.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# How stale another worker's queue depth may be in a scrape; the answering worker's is exact.
+LOAD_REFRESH_S = 1.0
+
+
+def multiprocess_dir() -> str | None:
+    """The folder the workers share their values through, when the server runs as several processes."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class ServerMetrics:
 
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        self._load: tuple[Callable[[], float], Callable[[], float]] | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("nanogpt_requests", "API requests by endpoint and HTTP status",
@@ -29,8 +45,12 @@ class ServerMetrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.request_duration = Histogram("nanogpt_request_duration_seconds", "API request duration",
                                           ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("nanogpt_queue_depth", "Requests waiting for a decode slot", registry=r)
-        self.active_sequences = Gauge("nanogpt_active_sequences", "Samples being decoded", registry=r)
+        # Set from the engines rather than read at scrape time (set_function): a scrape under
+        # gunicorn reads every worker's files, not the other workers' engines.
+        self.queue_depth = Gauge("nanogpt_queue_depth", "Requests waiting for a decode slot",
+                                 multiprocess_mode="livesum", registry=r)
+        self.active_sequences = Gauge("nanogpt_active_sequences", "Samples being decoded",
+                                      multiprocess_mode="livesum", registry=r)
         self.model_swaps = Counter("nanogpt_model_swaps", "Deployments installed after start-up", registry=r)
 
     # the engine's hooks
@@ -41,12 +61,37 @@ class ServerMetrics:
         self.completion_tokens.inc(n)
 
     def track_load(self, queue_depth: Callable[[], float], active_sequences: Callable[[], float]) -> None:
-        """Read the gauges from the engines at scrape time, whichever engines are running then."""
-        self.queue_depth.set_function(queue_depth)
-        self.active_sequences.set_function(active_sequences)
+        """Report these as the load gauges, whichever engines they count at the time.
+
+        They are read at every scrape; with several workers also every LOAD_REFRESH_S
+        seconds, so that a scrape answered by one worker sees the others' load too.
+        """
+        self._load = (queue_depth, active_sequences)
+        if self.multiprocess:
+            threading.Thread(target=_refresh_load_periodically, args=(weakref.ref(self),),
+                             name="metrics-load", daemon=True).start()
+
+    def refresh_load(self) -> None:
+        if self._load is not None:
+            queue_depth, active_sequences = self._load
+            self.queue_depth.set(queue_depth())
+            self.active_sequences.set(active_sequences())
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh_load()
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
+
+
+def _refresh_load_periodically(metrics_ref: weakref.ref[ServerMetrics]) -> None:
+    # Holds the metrics only weakly, so the thread ends when its app is gone.
+    while (metrics := metrics_ref()) is not None:
+        metrics.refresh_load()
+        del metrics
+        time.sleep(LOAD_REFRESH_S)
 
 
 class RequestMetricsMiddleware:

@@ -52,6 +52,9 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "serving", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
         # Server settings come only from the test, never from the developer's shell; the
         # tokenizer cache location is the one variable worth inheriting.
@@ -59,9 +62,8 @@ class ServerProcess:
                      if not k.startswith("NANOGPT_") or k == "NANOGPT_CACHE_DIR"}
         env = {**inherited, **self.env, "PYTHONPATH": str(PROJECT_ROOT)}
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving", *self.args, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=PROJECT_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
