@@ -1,0 +1,55 @@
+"""Limits on what one request may ask for, answered with 400 naming the parameter at fault."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from serving.schemas import MAX_STOP_SEQUENCE_CHARS
+from serving.text_stream import TextStream
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HELLO = [{"role": "user", "content": "Hello"}]
+PER_REQUEST = 32  # half of the test server's queue of 64
+
+
+@pytest.fixture(scope="module")
+def http(deployment):
+    with httpx.Client(base_url=deployment.server.url, headers=deployment.headers(), timeout=60) as client:
+        yield client
+
+
+def assert_rejected(response: httpx.Response, param: str) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    return error["message"]
+
+
+@pytest.mark.slow  # against a real server process
+def test_completions_per_request_are_capped_at_half_the_queue(http):
+    at_cap = http.post(COMPLETIONS, json={"prompt": ["a", "b", "c", "d"], "n": 8, "max_tokens": 1})
+    assert at_cap.status_code == 200 and len(at_cap.json()["choices"]) == PER_REQUEST
+    message = assert_rejected(http.post(COMPLETIONS, json={"prompt": ["a"] * 5, "n": 7, "max_tokens": 1}), "n")
+    assert "35 completions" in message and str(PER_REQUEST) in message
+    assert_rejected(http.post(COMPLETIONS, json={"prompt": [[1, 2]] * (PER_REQUEST + 1), "max_tokens": 1}),
+                    "prompt")
+
+
+@pytest.mark.slow
+def test_stop_sequences_have_a_length_limit(http):
+    longest = "z" * MAX_STOP_SEQUENCE_CHARS
+    ok = http.post(CHAT, json={"messages": HELLO, "max_tokens": 4, "stop": [longest, "\n\n"]})
+    assert ok.status_code == 200, ok.text
+    for stop in (longest + "z", ["fine", longest + "z"]):
+        message = assert_rejected(http.post(CHAT, json={"messages": HELLO, "max_tokens": 4, "stop": stop}), "stop")
+        assert str(MAX_STOP_SEQUENCE_CHARS) in message
+
+
+def test_text_held_back_for_a_long_stop_string_never_exceeds_it():
+    stop = "a" * (MAX_STOP_SEQUENCE_CHARS - 1) + "b"
+    stream = TextStream([stop])
+    released = "".join(stream.push(b"a" * 7) for _ in range(200))
+    assert len(released) == 7 * 200 - (MAX_STOP_SEQUENCE_CHARS - 1)  # only a stop string's worth waits
+    assert stream.push(b"b") == "" and stream.stopped
