@@ -42,10 +42,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -71,6 +73,8 @@ SHARDS_DIR = "shards"
 REPORT_JSON = "gpu_check.json"
 REPORT_MD = "gpu_check.md"
 PARTS = ("engine", "hellaswag", "train")  # run order: the quick parts first
+# Report sections: train_eager exists only when the compiled run failed (see run_check).
+SECTIONS = ("engine", "hellaswag", "train", "train_eager", "distributed")
 SHARED_HELLASWAG = PROJECT_ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_1000.jsonl"
 # The demo corpus holds ~0.5 M tokens. Twice over with 30% held out gives ~0.7 M training and
 # ~0.3 M validation tokens: one step of 8 GPUs x 32 x 1024 tokens fits either split.
@@ -103,6 +107,7 @@ class Plan:
     warmup_steps: int  # untimed: torch.compile runs in the first step
     timed_steps: int
     autocast: str
+    compile: bool
     engine_tokens: int
     engine_streams: int
     engine_long_prompt: int
@@ -124,15 +129,15 @@ class Plan:
 def make_plan(args: argparse.Namespace, device: str, work_dir: Path) -> Plan:
     if device == "cuda":
         defaults = dict(profile="gpt2-124m", nproc=torch.cuda.device_count(), micro_batch=32, grad_accum=2,
-                        warmup_steps=5, timed_steps=25, autocast="auto", engine_tokens=128, engine_long_prompt=512,
-                        engine_rounds=3, hellaswag_examples=1000, hellaswag_batch=32,
-                        timeouts={"train": 300.0, "engine": 75.0, "hellaswag": 75.0})
+                        warmup_steps=5, timed_steps=25, autocast="auto", compile=True, engine_tokens=128,
+                        engine_long_prompt=512, engine_rounds=3, hellaswag_examples=1000, hellaswag_batch=32,
+                        timeouts={"train": 300.0, "train_eager": 120.0, "engine": 75.0, "hellaswag": 75.0})
     else:
         # bf16 on the CPU is not the trainer's default there; asking for it runs the GPU's path.
         defaults = dict(profile="micro", nproc=2, micro_batch=4, grad_accum=2, warmup_steps=2, timed_steps=3,
-                        autocast="bf16", engine_tokens=16, engine_long_prompt=40, engine_rounds=2,
+                        autocast="bf16", compile=True, engine_tokens=16, engine_long_prompt=40, engine_rounds=2,
                         hellaswag_examples=32, hellaswag_batch=16,
-                        timeouts={"train": 240.0, "engine": 90.0, "hellaswag": 90.0})
+                        timeouts={"train": 240.0, "train_eager": 120.0, "engine": 90.0, "hellaswag": 90.0})
     chosen = {key: getattr(args, key) for key in ("nproc", "micro_batch", "timed_steps")
               if getattr(args, key) is not None}
     return Plan(device=device, data_dir=str(Path(args.data).resolve()), work_dir=str(work_dir),
@@ -198,14 +203,15 @@ def part_train(plan: Plan) -> dict[str, Any]:
     """One torchrun worker: check the process group, then train through nanogpt_core.train."""
     from nanogpt_core.config import get_profile
     from nanogpt_core.distributed import setup_distributed
-    from nanogpt_core.train import METRICS_FILE, train
+    from nanogpt_core.train import METRICS_FILE, autocast_context, train
 
     ctx = setup_distributed(plan.device)  # train() joins this same process group
     distributed = check_process_group(ctx) if ctx.is_distributed else {"backend": None}
     profile = get_profile(plan.profile)
     steps = plan.train_steps
     cfg = get_profile(
-        plan.profile, device=plan.device, compile=True, autocast=plan.autocast, micro_batch_size=plan.micro_batch,
+        plan.profile, device=plan.device, compile=plan.compile, autocast=plan.autocast,
+        micro_batch_size=plan.micro_batch,
         total_batch_size=plan.micro_batch * profile.seq_len * ctx.world_size * plan.grad_accum,
         max_steps=steps, warmup_steps=min(profile.warmup_steps, steps), val_every=steps, val_steps=1,
         checkpoint_every=steps, keep_last=1)
@@ -223,7 +229,8 @@ def part_train(plan: Plan) -> dict[str, Any]:
         report["training"].update(
             profile=plan.profile, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch_size,
             grad_accum=cfg.grad_accum_steps(ctx.world_size), tokens_per_step=cfg.total_batch_size,
-            compile=cfg.compile, autocast="bf16" if plan.autocast == "bf16" or plan.device == "cuda" else "off",
+            compile=cfg.compile,
+            autocast="bf16" if isinstance(autocast_context(ctx, cfg.autocast), torch.autocast) else "off",
             fused_adamw=True, final_val_loss=result.final_val_loss, checkpoint=bool(result.final_checkpoint),
             wall_s=result.wall_seconds)
     return report
@@ -379,7 +386,10 @@ def environment(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
         "triton": _version_of("triton"), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "device": device}
+        "platform": platform.platform(), "device": device,
+        # what torch.compile needs besides torch: a C compiler, and Python's headers
+        "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
+        "python_headers": Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
     if device == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         props = torch.cuda.get_device_properties(0)
@@ -451,9 +461,11 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def launch_part(name: str, plan: Plan, plan_path: Path) -> dict[str, Any]:
-    """Run one part in children and return its section of the report."""
-    result_path = Path(plan.work_dir) / f"{name}.result.json"
+def launch_part(name: str, plan: Plan, plan_path: Path, label: str | None = None) -> dict[str, Any]:
+    """Run one part in children and return its section of the report (named `label`, default `name`)."""
+    label = label or name
+    timeout = plan.timeouts[label]
+    result_path = Path(plan.work_dir) / f"{label}.result.json"
     script = str(Path(__file__).resolve())
     child_args = [script, "--part", name, "--plan", str(plan_path), "--result", str(result_path)]
     if name == "train":
@@ -463,16 +475,16 @@ def launch_part(name: str, plan: Plan, plan_path: Path) -> dict[str, Any]:
         command = [sys.executable, *child_args]
     env = {**os.environ, CACHE_DIR_ENV: str(Path(plan.data_dir) / TOKENIZER_DIR), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    log(f"{name}: starting (limit {plan.timeouts[name]:.0f} s)")
+    log(f"{label}: starting (limit {timeout:.0f} s)")
     began = time.monotonic()
-    outcome = run_child(name, command, plan.timeouts[name], env)
+    outcome = run_child(label, command, timeout, env)
     seconds = time.monotonic() - began
     results = sorted(result_path.parent.glob(result_path.name + "*"))
     loaded = [json.loads(p.read_text()) for p in results]
     errors = [r["error"] for r in loaded if "error" in r]
-    section: dict[str, Any] = {"ok": False, "seconds": seconds}
+    section: dict[str, Any] = {"ok": False, "seconds": seconds, "timed_out": outcome.timed_out}
     if outcome.timed_out:
-        section["error"] = f"no result within its {plan.timeouts[name]:.0f} s limit; last output: " + \
+        section["error"] = f"no result within its {timeout:.0f} s limit; last output: " + \
             " / ".join(outcome.tail[-8:])
     elif errors:
         section["error"] = errors[0]
@@ -481,7 +493,7 @@ def launch_part(name: str, plan: Plan, plan_path: Path) -> dict[str, Any]:
             " / ".join(outcome.tail[-12:])
     else:
         section.update(ok=True, **merge_results(name, loaded))
-    log(f"{name}: {'done' if section['ok'] else 'FAILED: ' + section['error'][:300]} ({seconds:.0f} s)")
+    log(f"{label}: {'done' if section['ok'] else 'FAILED: ' + section['error'][:300]} ({seconds:.0f} s)")
     return section
 
 
@@ -519,7 +531,7 @@ def markdown(report: dict[str, Any]) -> str:
     def row(part: str, figure: str, value: str) -> None:
         lines.append(f"| {part} | {figure} | {value} |")
 
-    for part in PARTS + ("distributed",):
+    for part in SECTIONS:
         section = report.get(part)
         if section is None:
             continue
@@ -532,18 +544,19 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def figures(part: str, s: dict[str, Any]) -> list[tuple[str, str]]:
-    if part == "train":
+    if part in ("train", "train_eager"):
         memory = (f"{s['peak_memory_allocated_gib']:.1f} GiB allocated (max over ranks)"
                   if "peak_memory_allocated_gib" in s else f"{s['peak_rss_mib']:.0f} MiB RSS (max over ranks)")
         return [
             ("setup", f"{s['profile']}, {s['world_size']} process(es), {s['micro_batch']} x {s['seq_len']} x "
-                      f"{s['grad_accum']} accum = {s['tokens_per_step']:,} tokens/step, compile, "
+                      f"{s['grad_accum']} accum = {s['tokens_per_step']:,} tokens/step, "
+                      f"{'torch.compile' if s['compile'] else 'eager (no torch.compile)'}, "
                       f"autocast {s['autocast']}, fused AdamW"),
             ("tokens/s (all ranks, median)", f"{s['tokens_per_s']:,.0f} (best {s['tokens_per_s_best']:,.0f})"),
             ("step time (median)", f"{s['step_ms_median']:.1f} ms over {s['timed_steps']} steps"),
             ("MFU", f"{s['mfu'] * 100:.1f}%" if s["mfu"] is not None else "unknown card"),
             ("peak memory", memory),
-            ("first step (compile)", f"{s['first_step_s']:.1f} s"),
+            ("first step" + (" (compile)" if s["compile"] else ""), f"{s['first_step_s']:.1f} s"),
             ("loss first -> last", f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"),
         ]
     if part == "distributed":
@@ -557,7 +570,8 @@ def figures(part: str, s: dict[str, Any]) -> list[tuple[str, str]]:
             ("1 stream", f"{s['streams_1_tokens_per_s']:,.1f} tokens/s, TTFT {s['streams_1_ttft_ms']:.1f} ms"),
             (f"{n} streams", f"{s['streams_n_tokens_per_s']:,.1f} tokens/s "
                              f"({s['streams_n_tokens_per_s_per_stream']:,.1f} per stream), "
-                             f"TTFT median {s['streams_n_ttft_ms_median']:.1f} ms, max {s['streams_n_ttft_ms_max']:.1f} ms"),
+                             f"TTFT median {s['streams_n_ttft_ms_median']:.1f} ms, "
+                             f"max {s['streams_n_ttft_ms_max']:.1f} ms"),
             (f"TTFT, {s['long_prompt_tokens']}-token prompt", f"{s['long_prompt_ttft_ms']:.1f} ms"),
             ("setup", f"{s['shape']} shape, {s['weights']} weights, {s['prompt_tokens']}-token prompts, "
                       f"{s['tokens_per_stream']} tokens per stream, best of {s['rounds']} rounds"),
@@ -594,10 +608,19 @@ def run_check(args: argparse.Namespace) -> int:
         plan_path.write_text(json.dumps(dataclasses.asdict(plan)))
         for part in (p for p in PARTS if p in parts):
             report[part] = launch_part(part, plan, plan_path)
+            if part == "train" and not report["train"]["ok"] and plan.compile and not report["train"]["timed_out"]:
+                # torch.compile needs a C compiler and Python's headers, which a bare machine may
+                # lack: without it the rest of the training path (NCCL, bf16, fused AdamW,
+                # checkpoint) still gets figures, and the compiled run still counts as failed.
+                log("train: once more without torch.compile")
+                eager = dataclasses.replace(plan, compile=False)
+                eager_path = Path(work) / "plan_eager.json"
+                eager_path.write_text(json.dumps(dataclasses.asdict(eager)))
+                report["train_eager"] = launch_part("train", eager, eager_path, label="train_eager")
             if part == "train":
-                report["distributed"] = distributed_section(report["train"])
+                report["distributed"] = distributed_section(report)
             write_report(out, report)  # after every part, so a later hang loses nothing
-    failed = [p for p in (*PARTS, "distributed") if p in report and not report[p]["ok"]]
+    failed = [p for p in SECTIONS if p in report and not report[p]["ok"]]
     report.update(failed=failed, ok=not failed, wall_s=time.monotonic() - _started)
     table = write_report(out, report)
     print()
@@ -606,10 +629,12 @@ def run_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def distributed_section(train: dict[str, Any]) -> dict[str, Any]:
-    if train["ok"]:
-        return {"ok": True, **train["distributed"]}
-    return {"ok": False, "error": "no result: the train part failed before reporting it"}
+def distributed_section(report: dict[str, Any]) -> dict[str, Any]:
+    """The process-group figures of the training run that got that far, with where they came from."""
+    for source in ("train", "train_eager"):
+        if report.get(source, {}).get("ok"):
+            return {"ok": True, "from": source, **report[source]["distributed"]}
+    return {"ok": False, "error": "no result: no training run got as far as reporting it"}
 
 
 def build_parser() -> argparse.ArgumentParser:
