@@ -141,16 +141,16 @@ async def completions(body: CompletionRequest, request: Request):
     return await _run(job, request, body.model, served, chat=False)
 
 
-def max_completions_per_request(settings: ServerSettings) -> int:
+def _max_completions_per_request(settings: ServerSettings) -> int:
     """Half the queue, so that no single request can fill it and shut everyone else out."""
     return max(1, settings.max_queue // 2)
 
 
 def _check_request_size(prompt_count: int, n: int, settings: ServerSettings) -> None:
-    limit = max_completions_per_request(settings)
+    limit = _max_completions_per_request(settings)
     if prompt_count * n > limit:
         raise invalid_request(
-            f"This request asks for {prompt_count * n} completions ({prompt_count} prompts, n={n}); "
+            f"This request asks for {prompt_count * n} completions (prompts: {prompt_count}, n: {n}); "
             f"this server takes at most {limit} per request.", param="n" if n > 1 else "prompt")
 
 
