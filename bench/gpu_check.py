@@ -10,8 +10,8 @@ hash-verified tokenizer file, a shard folder of the offline demo corpus, and Hel
 (the shared validation sample when it is there, else the demo cloze set). The check imports
 only torch, numpy, tiktoken and the project's own training, evaluation and serving code.
 
-Each part runs in a child process with its own time limit, so a crash or a hang costs that
-part's figures and no others:
+Each part runs in child processes with its own time limit, cut to what is left of the whole
+check's budget (465 s on CUDA), so a crash or a hang costs that part's figures and no others:
   train        gpt2-124m at T=1024 through nanogpt_core.train under torchrun, one process per
                local GPU: bf16 autocast, TF32, torch.compile, fused AdamW, DDP, a checkpoint.
                Tokens/s and MFU are the medians of the timed steps (after the compile
@@ -30,7 +30,9 @@ the CPU, gloo between two processes, the engine and the scorer on the CPU. The t
 it that way, so a mistake on a CUDA-only line has a chance to show before the first GPU run.
 
 The report goes to OUT as gpu_check.json (every figure, or the error text of each part that
-failed) and gpu_check.md (a table, also printed). The exit status is 1 if any part failed.
+failed), gpu_check.md (a table, also printed) and gpu_check.log (the console). The exit status
+is 1 if any part failed. When the compiled training run fails, training runs once more without
+torch.compile (`train_eager`), so the rest of the training path is still measured.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ TOKENIZER_DIR = "cache"  # becomes NANOGPT_CACHE_DIR for every part
 SHARDS_DIR = "shards"
 REPORT_JSON = "gpu_check.json"
 REPORT_MD = "gpu_check.md"
+REPORT_LOG = "gpu_check.log"
 PARTS = ("engine", "hellaswag", "train")  # run order: the quick parts first
 # Report sections: train_eager exists only when the compiled run failed (see run_check).
 SECTIONS = ("engine", "hellaswag", "train", "train_eager", "distributed")
@@ -81,12 +84,30 @@ SHARED_HELLASWAG = PROJECT_ROOT.parent / "shared" / "data" / "hellaswag" / "hell
 CORPUS_REPEATS = 2
 VAL_FRACTION = 0.3
 ENGINE_PROMPT_TOKENS = 16
+MIN_PART_S = 30.0  # below this a part could not even start torch and CUDA
 
 _started = time.monotonic()
 
 
+class Console:
+    """Prints, and keeps a copy in the report folder: a remote run's console may come back cut short."""
+
+    transcript = None
+
+    @classmethod
+    def keep_copy_in(cls, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cls.transcript = open(path, "w", buffering=1)
+
+    @classmethod
+    def say(cls, line: str) -> None:
+        print(line, flush=True)
+        if cls.transcript is not None:
+            cls.transcript.write(line + "\n")
+
+
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _started:6.1f}s] {message}", flush=True)
+    Console.say(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _started:6.1f}s] {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +135,8 @@ class Plan:
     engine_rounds: int
     hellaswag_examples: int
     hellaswag_batch: int
-    timeouts: dict[str, float]
+    timeouts: dict[str, float]  # per part, each cut to what is left of budget_s
+    budget_s: float  # the whole check, from start to report
 
     @property
     def train_steps(self) -> int:
@@ -131,15 +153,20 @@ def make_plan(args: argparse.Namespace, device: str, work_dir: Path) -> Plan:
         defaults = dict(profile="gpt2-124m", nproc=torch.cuda.device_count(), micro_batch=32, grad_accum=2,
                         warmup_steps=5, timed_steps=25, autocast="auto", compile=True, engine_tokens=128,
                         engine_long_prompt=512, engine_rounds=3, hellaswag_examples=1000, hellaswag_batch=32,
-                        timeouts={"train": 300.0, "train_eager": 120.0, "engine": 75.0, "hellaswag": 75.0})
+                        timeouts={"train": 300.0, "train_eager": 120.0, "engine": 75.0, "hellaswag": 75.0},
+                        budget_s=465.0)
     else:
         # bf16 on the CPU is not the trainer's default there; asking for it runs the GPU's path.
         defaults = dict(profile="micro", nproc=2, micro_batch=4, grad_accum=2, warmup_steps=2, timed_steps=3,
                         autocast="bf16", compile=True, engine_tokens=16, engine_long_prompt=40, engine_rounds=2,
                         hellaswag_examples=32, hellaswag_batch=16,
-                        timeouts={"train": 240.0, "train_eager": 120.0, "engine": 90.0, "hellaswag": 90.0})
+                        timeouts={"train": 240.0, "train_eager": 120.0, "engine": 90.0, "hellaswag": 90.0},
+                        budget_s=600.0)
     chosen = {key: getattr(args, key) for key in ("nproc", "micro_batch", "timed_steps")
               if getattr(args, key) is not None}
+    for key, value in chosen.items():
+        if value < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {value}")
     return Plan(device=device, data_dir=str(Path(args.data).resolve()), work_dir=str(work_dir),
                 engine_streams=8, **{**defaults, **chosen})
 
@@ -231,9 +258,17 @@ def part_train(plan: Plan) -> dict[str, Any]:
             grad_accum=cfg.grad_accum_steps(ctx.world_size), tokens_per_step=cfg.total_batch_size,
             compile=cfg.compile,
             autocast="bf16" if isinstance(autocast_context(ctx, cfg.autocast), torch.autocast) else "off",
-            fused_adamw=True, final_val_loss=result.final_val_loss, checkpoint=bool(result.final_checkpoint),
+            fused_adamw=optimizer_is_fused(ctx.device), final_val_loss=result.final_val_loss, checkpoint=bool(result.final_checkpoint),
             wall_s=result.wall_seconds)
     return report
+
+
+def optimizer_is_fused(device: torch.device) -> bool:
+    """Whether GPT.configure_optimizer picks the fused AdamW kernel on this device (asked of a tiny model)."""
+    from nanogpt_core.model import GPT, GPTConfig
+
+    tiny = GPT(GPTConfig(block_size=4, vocab_size=8, n_layer=1, n_head=1, n_embd=4)).to(device)
+    return bool(tiny.configure_optimizer(0.0, 1e-3, device.type).defaults.get("fused"))
 
 
 def check_process_group(ctx) -> dict[str, Any]:
@@ -351,6 +386,7 @@ def part_hellaswag(plan: Plan) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     return {"benchmark": data.benchmark, "source": prepared["examples_source"], "shape": plan.profile,
             "examples": n, "batch_size": plan.hellaswag_batch, "seconds": seconds, "examples_per_s": n / seconds,
+            "timed": "end to end: tokenizing, packing and scoring",
             "acc_norm_random_weights": report["acc_norm"]}
 
 
@@ -381,8 +417,6 @@ def run_part_here(name: str, plan_path: Path, result_path: Path) -> None:
 def environment(device: str) -> dict[str, Any]:
     from serve_throughput import cpu_model
 
-    from nanogpt_core.hardware import peak_flops
-
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
         "triton": _version_of("triton"), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
@@ -391,16 +425,25 @@ def environment(device: str) -> dict[str, Any]:
         "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
         "python_headers": Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
     if device == "cuda":
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        props = torch.cuda.get_device_properties(0)
-        peak = peak_flops("cuda", names[0])
-        info.update(gpu_count=len(names), gpus=names, card=names[0],
-                    gpu_memory_gib=props.total_memory / 2**30, compute_capability=f"{props.major}.{props.minor}",
-                    cudnn=torch.backends.cudnn.version(), nccl=nccl_version(),
-                    bf16_supported=torch.cuda.is_bf16_supported(),
-                    bf16_peak_tflops=peak / 1e12 if peak else None,
-                    peak_source="data sheet (nanogpt_core.hardware)" if peak else "unknown card")
+        try:
+            info.update(cuda_environment())
+        except Exception as exc:  # the parts still run; each reports what it finds
+            info["cuda_error"] = f"{type(exc).__name__}: {exc}"
     return info
+
+
+def cuda_environment() -> dict[str, Any]:
+    from nanogpt_core.hardware import peak_flops
+
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    props = torch.cuda.get_device_properties(0)
+    peak = peak_flops("cuda", names[0])
+    return dict(gpu_count=len(names), gpus=names, card=names[0],
+                gpu_memory_gib=props.total_memory / 2**30, compute_capability=f"{props.major}.{props.minor}",
+                cudnn=torch.backends.cudnn.version(), nccl=nccl_version(),
+                bf16_supported=torch.cuda.is_bf16_supported(),
+                bf16_peak_tflops=peak / 1e12 if peak else None,
+                peak_source="data sheet (nanogpt_core.hardware)" if peak else "unknown card")
 
 
 def nccl_version() -> str | None:
@@ -434,7 +477,7 @@ def run_child(name: str, command: list[str], timeout: float, env: dict[str, str]
     def echo() -> None:
         for line in proc.stdout:
             tail.append(line.rstrip())
-            print(f"    {name} | {line.rstrip()}", flush=True)
+            Console.say(f"    {name} | {line.rstrip()}")
 
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
@@ -464,7 +507,11 @@ def _signal_group(pid: int, sig: int) -> None:
 def launch_part(name: str, plan: Plan, plan_path: Path, label: str | None = None) -> dict[str, Any]:
     """Run one part in children and return its section of the report (named `label`, default `name`)."""
     label = label or name
-    timeout = plan.timeouts[label]
+    timeout = min(plan.timeouts[label], plan.budget_s - (time.monotonic() - _started))
+    if timeout < MIN_PART_S:
+        log(f"{label}: skipped, the check's {plan.budget_s:.0f} s are spent")
+        return {"ok": False, "seconds": 0.0, "timed_out": False,
+                "error": f"skipped: {timeout:.0f} s were left of the check's {plan.budget_s:.0f} s budget"}
     result_path = Path(plan.work_dir) / f"{label}.result.json"
     script = str(Path(__file__).resolve())
     child_args = [script, "--part", name, "--plan", str(plan_path), "--result", str(result_path)]
@@ -519,10 +566,12 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    if env["device"] == "cuda":
-        peak = f"{env['bf16_peak_tflops']:g} TFLOP/s bf16" if env.get("bf16_peak_tflops") else "unknown card"
+    if env["device"] == "cuda" and "card" in env:
+        peak = f"{env['bf16_peak_tflops']:g} TFLOP/s bf16" if env["bf16_peak_tflops"] else "unknown card"
         machine = (f"{env['gpu_count']} x {env['card']} ({env['gpu_memory_gib']:.0f} GiB, peak {peak}), "
                    f"CUDA {env['cuda_runtime']}, NCCL {env['nccl']}")
+    elif env["device"] == "cuda":
+        machine = f"CUDA, but its description failed: {env.get('cuda_error')}"
     else:
         machine = f"no CUDA: CPU run at the micro shape on {env['cpu']} ({env['cpu_count']} CPUs)"
     lines = [f"GPU check, {report['started']}: {machine}; torch {env['torch']}, Python {env['python']}", "",
@@ -551,7 +600,7 @@ def figures(part: str, s: dict[str, Any]) -> list[tuple[str, str]]:
             ("setup", f"{s['profile']}, {s['world_size']} process(es), {s['micro_batch']} x {s['seq_len']} x "
                       f"{s['grad_accum']} accum = {s['tokens_per_step']:,} tokens/step, "
                       f"{'torch.compile' if s['compile'] else 'eager (no torch.compile)'}, "
-                      f"autocast {s['autocast']}, fused AdamW"),
+                      f"autocast {s['autocast']}, {'fused AdamW' if s['fused_adamw'] else 'AdamW, not fused'}"),
             ("tokens/s (all ranks, median)", f"{s['tokens_per_s']:,.0f} (best {s['tokens_per_s_best']:,.0f})"),
             ("step time (median)", f"{s['step_ms_median']:.1f} ms over {s['timed_steps']} steps"),
             ("MFU", f"{s['mfu'] * 100:.1f}%" if s["mfu"] is not None else "unknown card"),
@@ -596,16 +645,14 @@ def run_check(args: argparse.Namespace) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"error: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    Console.keep_copy_in(out / REPORT_LOG)
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
                               "environment": environment(device)}
     log(f"device {device}: {report['environment'].get('card') or report['environment']['cpu']}")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         plan = make_plan(args, device, Path(work))
-        if device == "cuda" and plan.nproc < 1:
-            raise SystemExit("error: torch sees CUDA but no device")
         report["plan"] = dataclasses.asdict(plan)
-        plan_path = Path(work) / "plan.json"
-        plan_path.write_text(json.dumps(dataclasses.asdict(plan)))
+        plan_path = write_plan(plan, Path(work) / "plan.json")
         for part in (p for p in PARTS if p in parts):
             report[part] = launch_part(part, plan, plan_path)
             if part == "train" and not report["train"]["ok"] and plan.compile and not report["train"]["timed_out"]:
@@ -614,19 +661,22 @@ def run_check(args: argparse.Namespace) -> int:
                 # checkpoint) still gets figures, and the compiled run still counts as failed.
                 log("train: once more without torch.compile")
                 eager = dataclasses.replace(plan, compile=False)
-                eager_path = Path(work) / "plan_eager.json"
-                eager_path.write_text(json.dumps(dataclasses.asdict(eager)))
-                report["train_eager"] = launch_part("train", eager, eager_path, label="train_eager")
+                report["train_eager"] = launch_part("train", eager, write_plan(eager, Path(work) / "plan_eager.json"),
+                                                    label="train_eager")
             if part == "train":
                 report["distributed"] = distributed_section(report)
             write_report(out, report)  # after every part, so a later hang loses nothing
     failed = [p for p in SECTIONS if p in report and not report[p]["ok"]]
     report.update(failed=failed, ok=not failed, wall_s=time.monotonic() - _started)
     table = write_report(out, report)
-    print()
-    print(table)
+    Console.say("\n" + table)
     log(f"report: {out / REPORT_JSON}, {out / REPORT_MD}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def write_plan(plan: Plan, path: Path) -> Path:
+    path.write_text(json.dumps(dataclasses.asdict(plan)))
+    return path
 
 
 def distributed_section(report: dict[str, Any]) -> dict[str, Any]:
