@@ -98,6 +98,7 @@ class DrainMiddleware:
             pass
         except Exception:
             log.exception("a response cut short by the drain failed while stopping")
+        log.warning("ended %s %s at the drain deadline, before it was complete", scope["method"], scope["path"])
         await response.end_for_shutdown(scope, receive)
 
 

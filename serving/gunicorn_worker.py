@@ -15,6 +15,7 @@ tests can tell which worker answered.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any
@@ -27,6 +28,7 @@ from uvicorn_worker import UvicornWorker
 from serving.drain import Drain, DrainMiddleware, shutdown_deadlines
 
 WORKER_PID_HEADER = "x-worker-pid"
+ACCEPTED_REQUESTS_READ_S = 0.5
 
 
 class DrainingUvicornWorker(UvicornWorker):
@@ -36,7 +38,8 @@ class DrainingUvicornWorker(UvicornWorker):
         super().__init__(*args, **kwargs)
         drain_s, hard_s = shutdown_deadlines(self.cfg.graceful_timeout)
         self.drain = Drain(drain_s)
-        self.config.timeout_graceful_shutdown = hard_s
+        # uvicorn counts its limit from after the pause in DrainingServer.shutdown.
+        self.config.timeout_graceful_shutdown = max(0.0, hard_s - ACCEPTED_REQUESTS_READ_S)
 
     async def _serve(self) -> None:
         # The stock worker's _serve, with a server that starts the drain and the app wrapped.
@@ -54,7 +57,14 @@ class DrainingServer(Server):
         self.drain = drain
 
     async def shutdown(self, sockets=None) -> None:
-        self.drain.begin()  # before uvicorn stops listening and starts waiting on open connections
+        self.drain.begin()
+        # uvicorn closes every connection with no request in progress, meant for idle kept-alive
+        # ones. A connection accepted a moment ago whose request is still unread in its socket
+        # buffer looks the same, and closing it would reset the client: so stop accepting
+        # first, and give such requests time to be read before uvicorn looks.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(ACCEPTED_REQUESTS_READ_S)
         await super().shutdown(sockets=sockets)
 
 
