@@ -148,6 +148,9 @@ class Plan:
         return get_profile(self.profile).model_config()
 
 
+RESIZING_OPTIONS = ("nproc", "micro_batch", "timed_steps")
+
+
 def make_plan(args: argparse.Namespace, device: str, work_dir: Path) -> Plan:
     if device == "cuda":
         defaults = dict(profile="gpt2-124m", nproc=torch.cuda.device_count(), micro_batch=32, grad_accum=2,
@@ -162,11 +165,7 @@ def make_plan(args: argparse.Namespace, device: str, work_dir: Path) -> Plan:
                         hellaswag_examples=32, hellaswag_batch=16,
                         timeouts={"train": 240.0, "train_eager": 120.0, "engine": 90.0, "hellaswag": 90.0},
                         budget_s=600.0)
-    chosen = {key: getattr(args, key) for key in ("nproc", "micro_batch", "timed_steps")
-              if getattr(args, key) is not None}
-    for key, value in chosen.items():
-        if value < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {value}")
+    chosen = {key: getattr(args, key) for key in RESIZING_OPTIONS if getattr(args, key) is not None}
     return Plan(device=device, data_dir=str(Path(args.data).resolve()), work_dir=str(work_dir),
                 engine_streams=8, **{**defaults, **chosen})
 
@@ -182,6 +181,8 @@ def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     from nanogpt_core.shards import build_shards
     from nanogpt_core.tokenizer import gpt2_ranks_path
 
+    if hellaswag_file is not None and not hellaswag_file.is_file():
+        raise SystemExit(f"error: --hellaswag {hellaswag_file}: no such file")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PREPARED_FILE).unlink(missing_ok=True)  # unfinished until rewritten
     log(f"tokenizer -> {folder / TOKENIZER_DIR / RANKS_FILENAME}")
@@ -528,13 +529,13 @@ def launch_part(name: str, plan: Plan, plan_path: Path, label: str | None = None
     seconds = time.monotonic() - began
     results = sorted(result_path.parent.glob(result_path.name + "*"))
     loaded = [json.loads(p.read_text()) for p in results]
-    errors = [r["error"] for r in loaded if "error" in r]
+    errors = [r for r in loaded if "error" in r]
     section: dict[str, Any] = {"ok": False, "seconds": seconds, "timed_out": outcome.timed_out}
     if outcome.timed_out:
         section["error"] = f"no result within its {timeout:.0f} s limit; last output: " + \
             " / ".join(outcome.tail[-8:])
     elif errors:
-        section["error"] = errors[0]
+        section.update(error=errors[0]["error"], traceback=errors[0]["traceback"])
     elif outcome.returncode != 0 or not loaded:
         section["error"] = f"exited with status {outcome.returncode} and no result; last output: " + \
             " / ".join(outcome.tail[-12:])
@@ -640,6 +641,11 @@ def run_check(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    if not args.out:
+        raise SystemExit("error: --out is required: the folder for gpu_check.json, gpu_check.md and gpu_check.log")
+    for key in RESIZING_OPTIONS:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     out = Path(args.out)
     parts = args.parts.split(",") if args.parts else list(PARTS)
     unknown = set(parts) - set(PARTS)
@@ -695,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --prepare: the examples to carry (default: {SHARED_HELLASWAG} when present, "
                              "else the demo cloze set)")
     parser.add_argument("--data", default=".gpu_check", help="the prepared folder (default: .gpu_check)")
-    parser.add_argument("--out", default="gpu_check_report", help="where gpu_check.json and gpu_check.md go")
+    parser.add_argument("--out", help="folder for gpu_check.json, gpu_check.md and gpu_check.log")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     parser.add_argument("--nproc", type=int, help="training processes (default: every GPU; 2 on a CPU)")
