@@ -259,8 +259,8 @@ def part_train(plan: Plan) -> dict[str, Any]:
             grad_accum=cfg.grad_accum_steps(ctx.world_size), tokens_per_step=cfg.total_batch_size,
             compile=cfg.compile,
             autocast="bf16" if isinstance(autocast_context(ctx, cfg.autocast), torch.autocast) else "off",
-            fused_adamw=optimizer_is_fused(ctx.device), final_val_loss=result.final_val_loss, checkpoint=bool(result.final_checkpoint),
-            wall_s=result.wall_seconds)
+            fused_adamw=optimizer_is_fused(ctx.device), final_val_loss=result.final_val_loss,
+            checkpoint=bool(result.final_checkpoint), wall_s=result.wall_seconds)
     return report
 
 
