@@ -7,8 +7,9 @@ This worker starts a drain when uvicorn begins its shutdown, ends the responses 
 a little before gunicorn's limit (see `serving.drain`), and gives uvicorn a hard limit just
 after that.
 
-It also fails the worker's start when the app's start-up fails (a checkpoint that does not
-load), instead of uvicorn's default of serving on without the app's lifespan, and names
+It also runs the app's lifespan in uvicorn's "on" mode, so that any failure while the app
+starts is fatal to the worker (in the default "auto" mode, one raised before the app's own
+lifespan begins is taken to mean the app has no lifespan, and the worker serves on), and names
 the worker's process id in an `x-worker-pid` header on every answer, so that operators and
 tests can tell which worker answered.
 """
