@@ -76,6 +76,16 @@ _DISCONNECT_POLL_S = 0.25
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 
+# Every status the guards and handlers answer with, so the published schema matches the server.
+_ERROR = {"model": ErrorResponse}
+_ERRORS = {status: _ERROR for status in (400, 401, 404, 413, 415, 422, 429, 500, 503)}
+# One server-sent event: `data` holds a JSON chunk, or `[DONE]` at the end of the stream.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+_STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}},
+                   "description": "a JSON answer, or server-sent events when `stream` is true"}}
+
+
 def system_fingerprint(served: ServedModel) -> str:
     """OpenAI's field for the backend behind an answer: here, the checkpoint that produced it."""
     return f"nanogpt-pipeline/{served.checkpoint_name}"
@@ -84,13 +94,13 @@ def system_fingerprint(served: ServedModel) -> str:
 # --- models --------------------------------------------------------------------------------
 
 
-@router.get("/models")
+@router.get("/models", responses=_ERRORS)
 def list_models(request: Request) -> ModelList:
     current = _registry(request).current
     return ModelList(data=[current.card(name) for name in current.names])
 
 
-@router.get("/models/{model_name}")
+@router.get("/models/{model_name}", responses=_ERRORS)
 def retrieve_model(model_name: str, request: Request):
     return _registry(request).resolve(model_name).card(model_name)
 
@@ -98,7 +108,7 @@ def retrieve_model(model_name: str, request: Request):
 # --- chat completions ----------------------------------------------------------------------
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={**_ERRORS, **_STREAMED})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     request_id_of(request)
     served = _registry(request).resolve(body.model)
@@ -124,7 +134,7 @@ def _chat_prompt_tokens(body: ChatCompletionRequest) -> list[int]:
 # --- completions ---------------------------------------------------------------------------
 
 
-@router.post("/completions")
+@router.post("/completions", responses={**_ERRORS, **_STREAMED})
 async def completions(body: CompletionRequest, request: Request):
     request_id_of(request)
     served = _registry(request).resolve(body.model)
