@@ -51,7 +51,8 @@ def test_fuzzed_requests_get_no_server_error_and_only_declared_answers(documente
          "--max-time", str(RUN_BUDGET_S),
          "--workers", "1", "--seed", "9", "--request-timeout", "30",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=RUN_BUDGET_S + 120)
+        capture_output=True, text=True, timeout=RUN_BUDGET_S + 120,
+        cwd=tmp_path)  # its example cache (.schemathesis/) stays out of the checkout
     output = run.stdout[-12000:] + run.stderr[-3000:]
     server_log = documented_server.log()[-2000:]
     assert run.returncode == 0, f"schemathesis found failures:\n{output}\n--- server log ---\n{server_log}"
