@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Any, get_type_hints
 
+from nanogpt_core.distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from nanogpt_core.model import GPTConfig
 
 AUTOCAST_MODES = ("auto", "bf16", "off")
@@ -53,13 +54,16 @@ class TrainConfig:
     # bf16 autocast: "auto" turns it on for CUDA only (on the CPUs this was tuned on fp32 is
     # faster); "bf16" turns it on for any device, so a CPU run takes the GPU's precision path
     autocast: str = "auto"  # auto | bf16 | off
+    # seconds a collective waits for its peers before the run ends naming the missing rank
+    process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S
     # where the pretraining text comes from (see nanogpt_core.data)
     data_source: str = "demo"
 
     def __post_init__(self) -> None:
         if self.seq_len > self.block_size:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds block_size ({self.block_size})")
-        for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "keep_last"):
+        for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "keep_last",
+                     "process_group_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.max_steps:

@@ -38,7 +38,8 @@ from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_ch
                                      read_checkpoint)
 from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
-from nanogpt_core.distributed import DistContext, setup_distributed, teardown_distributed
+from nanogpt_core.distributed import (DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistContext, peer_failures_named,
+                                      setup_distributed, teardown_distributed)
 from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, import_hf
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
@@ -80,11 +81,14 @@ class FinetuneConfig:
     device: str = "auto"
     threads: int = 0
     compile: bool = False
+    # seconds a collective waits for its peers before the run ends naming the missing rank
+    process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.data_source not in SOURCES:
             raise ValueError(f"data_source must be one of {', '.join(SOURCES)}, got {self.data_source!r}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "val_every", "checkpoint_every", "keep_last"):
+        for name in ("epochs", "batch_size", "micro_batch_size", "val_every", "checkpoint_every", "keep_last",
+                     "process_group_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "val_steps", "context_length"):
@@ -171,10 +175,11 @@ def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: s
     for the profile's source.
     """
     started = time.perf_counter()
-    ctx = setup_distributed(cfg.device)
+    ctx = setup_distributed(cfg.device, cfg.process_group_timeout_s)
     try:
-        result = _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume,
-                           observer, ctx)
+        with peer_failures_named(ctx):
+            result = _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume,
+                               observer, ctx)
     except BaseException:
         teardown_distributed(after_error=True)
         raise

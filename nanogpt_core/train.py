@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_model_weights,
                                      prune_checkpoints, save_checkpoint)
 from nanogpt_core.config import TrainConfig, add_config_arguments, config_from_args
-from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, setup_distributed,
-                                      teardown_distributed)
+from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, peer_failures_named,
+                                      setup_distributed, teardown_distributed)
 from nanogpt_core.hardware import peak_flops
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
@@ -201,9 +201,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume
           observer: TrainingObserver | None = None) -> TrainResult:
     """Run (or resume) a pretraining run; every rank calls this, rank 0 writes the files."""
     started = time.perf_counter()
-    ctx = setup_distributed(cfg.device)
+    ctx = setup_distributed(cfg.device, cfg.process_group_timeout_s)
     try:
-        result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx)
+        with peer_failures_named(ctx):
+            result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx)
     except BaseException:
         teardown_distributed(after_error=True)
         raise
