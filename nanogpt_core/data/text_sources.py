@@ -4,6 +4,8 @@
     local         parquet or JSON-lines files (or folders of them) with a `text` column,
                   the FineWeb schema: `id` and `url` are used when present
     demo          CPython's own documentation, offline (see demo_corpus)
+    folder        a folder people drop .txt, .jsonl and .parquet files into, with a content
+                  hash of its files (see folder_source)
 
 Each yields `Document`s in a fixed order, so the same source and arguments give the same
 documents and, downstream, the same content hash.
@@ -25,7 +27,8 @@ from urllib.parse import urlsplit
 
 from nanogpt_core.data.documents import Document
 
-SOURCES = ("fineweb-edu", "local", "demo")
+SOURCES = ("fineweb-edu", "local", "demo", "folder")
+PATH_SOURCES = ("local", "folder")  # the sources that read files, and so need a path
 
 FINEWEB_EDU_DATASET = "HuggingFaceFW/fineweb-edu"
 FINEWEB_EDU_CONFIG = "sample-10BT"
@@ -57,6 +60,10 @@ def iter_documents(source: str, *, path: str | Path | None = None, limit: int | 
         documents = _fineweb_edu_documents()
     elif source == "local":
         documents = iter_local_documents(path)  # type: ignore[arg-type]
+    elif source == "folder":
+        from nanogpt_core.data.folder_source import scan_folder
+
+        documents = scan_folder(path).documents()  # type: ignore[arg-type]
     else:
         from nanogpt_core.data.demo_corpus import iter_demo_documents
 
@@ -72,6 +79,10 @@ def describe_source(source: str, *, path: str | Path | None = None, limit: int |
         description.update(dataset=FINEWEB_EDU_DATASET, name=FINEWEB_EDU_CONFIG, split=FINEWEB_EDU_SPLIT)
     elif source == "local":
         description["files"] = [str(file.resolve()) for file, _ in _local_files(Path(path))]  # type: ignore[arg-type]
+    elif source == "folder":
+        from nanogpt_core.data.folder_source import scan_folder
+
+        description.update(scan_folder(path).describe())  # type: ignore[arg-type]
     else:
         description["python"] = sys.version.split()[0]
     return description
@@ -84,8 +95,10 @@ def _check_arguments(source: str, path: str | Path | None, limit: int | None) ->
         raise TextSourceError(f"limit must be a number of documents (0 or more), got {limit}")
     if source == "local" and path is None:
         raise TextSourceError("the local source needs a path: a parquet or JSON-lines file, or a folder of them")
-    if source != "local" and path is not None:
-        raise TextSourceError(f"the {source} source takes no path (only `local` reads files)")
+    if source == "folder" and path is None:
+        raise TextSourceError("the folder source needs a path: a folder of .txt, .jsonl or .parquet files")
+    if source not in PATH_SOURCES and path is not None:
+        raise TextSourceError(f"the {source} source takes no path (only {' and '.join(PATH_SOURCES)} read files)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,21 +206,37 @@ def iter_local_documents(path: str | Path) -> Iterator[Document]:
     wherever the files are copied. Rows without text are skipped: an empty document would
     add nothing but a separator token.
     """
-    return _documents_from_files(_local_files(Path(path)))
+    return documents_from_files(_local_files(Path(path)))
 
 
-def _documents_from_files(files: list[tuple[Path, str]]) -> Iterator[Document]:
+def documents_from_files(files: list[tuple[Path, str]]) -> Iterator[Document]:
+    """Documents from (file, name) pairs: a `.txt` file is one document with the name as its id;
+    parquet and JSON-lines rows are documents with ids from their `id`, else `<name>:<row>`.
+
+    A file that cannot be read or decoded raises TextSourceError naming it.
+    """
     for file, name in files:
-        rows = _parquet_rows(file) if file.name.endswith(".parquet") else _jsonl_rows(file)
-        for row_index, (doc_id, text, url) in enumerate(rows):
-            if text:
-                yield Document(id=f"{name}:{row_index}" if doc_id is None else str(doc_id), text=text, url=url)
+        try:
+            if file.name.endswith(".txt"):
+                text = file.read_text(encoding="utf-8")
+                if text.strip():
+                    yield Document(id=name, text=text)
+                continue
+            rows = _parquet_rows(file) if file.name.endswith(".parquet") else _jsonl_rows(file)
+            for row_index, (doc_id, text, url) in enumerate(rows):
+                if text:
+                    yield Document(id=f"{name}:{row_index}" if doc_id is None else str(doc_id), text=text, url=url)
+        except UnicodeDecodeError as e:
+            raise TextSourceError(f"{file} is not UTF-8 text (byte {e.start}: {_one_line(e)})") from e
+        except OSError as e:
+            raise TextSourceError(f"cannot read {file}: {_one_line(e)}") from e
 
 
 Row = tuple[Any, str | None, str | None]  # id, text, url
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -217,8 +246,18 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
     names = parquet.schema_arrow.names
     if "text" not in names:
         raise TextSourceError(f"{path} has no 'text' column (columns: {', '.join(names)})")
+    text_type = parquet.schema_arrow.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise TextSourceError(f"{path}: the 'text' column holds {text_type}, not strings")
     columns = [c for c in ("id", "text", "url") if c in names]
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:  # a damaged page shows only when it is read
+            raise TextSourceError(f"cannot read {path} as parquet: {_one_line(e)}") from e
         data = {c: batch.column(c).to_pylist() for c in columns}
         ids = data.get("id") or itertools.repeat(None)
         urls = data.get("url") or itertools.repeat(None)
