@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Collection
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,10 @@ from nanogpt_core.model import GPT, GPTConfig
 FORMAT = "nanogpt-pipeline/checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d{5,})\.pt$")
+# What every checkpoint holds, and what resuming a run needs on top (see docs/CHECKPOINT.md).
+REQUIRED_FIELDS: dict[str, type] = {"step": int, "model_config": dict, "model": dict, "lineage": dict,
+                                    "metrics": dict, "train_config": dict}
+RESUME_FIELDS: dict[str, type] = {"optimizer": dict, "loader": dict, "rng": list}
 
 
 class CheckpointError(RuntimeError):
@@ -102,12 +107,43 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"(only tensors and plain values are): {e}") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        # A file that is not a zip archive goes to torch's legacy reader, which fails on stray
+        # bytes with whatever error the bytes lead it to (KeyError, IndexError, struct.error...).
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nanogpt-pipeline checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {payload.get('format_version')}; "
                               f"this code reads version {FORMAT_VERSION}")
+    _require_fields(payload, path, REQUIRED_FIELDS)
     return payload
+
+
+def _require_fields(payload: dict[str, Any], path: Path, required: dict[str, type]) -> None:
+    for name, kind in required.items():
+        if not isinstance(payload.get(name), kind):
+            raise CheckpointError(f"checkpoint {path} lacks a usable {name!r} field "
+                                  f"(expected {kind.__name__}, found {type(payload.get(name)).__name__})")
+
+
+def require_resumable(payload: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint that holds weights but not the state a resume restores (an imported
+    or exported model, say): optimizer, loader position and every rank's RNG."""
+    _require_fields(payload, Path(path), RESUME_FIELDS)
+    if not payload["rng"]:
+        raise CheckpointError(f"checkpoint {path} records no RNG state, so a run cannot resume from it")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """'field: checkpoint A vs run B' for each field that differs, fields in `ignore` aside.
+
+    A field recorded on one side only counts as a difference: the two runs were not set up alike.
+    """
+    missing = "(not recorded)"
+    return [f"{name}: checkpoint {saved.get(name, missing)} vs run {current.get(name, missing)}"
+            for name in sorted(set(saved) | set(current))
+            if name not in ignore and saved.get(name, missing) != current.get(name, missing)]
 
 
 def model_config_of(payload: dict[str, Any], path: str | Path) -> GPTConfig:
@@ -150,18 +186,22 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu",
-                      ) -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", *,
+                      resumable: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in a folder that loads, with its dict; None when there is none.
 
-    A file that fails to load (damaged after it was written) is reported and skipped, so a
-    resume falls back to the one before it rather than failing.
+    A file that fails to load (damaged after it was written, or something else under a
+    checkpoint's name) is reported and skipped, so a resume falls back to the one before it
+    rather than failing. With `resumable`, so is one that lacks the state a resume needs.
     """
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, read_checkpoint(path, map_location)
+            payload = read_checkpoint(path, map_location)
+            if resumable:
+                require_resumable(payload, path)
+            return path, payload
         except CheckpointError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
+            print(f"warning: skipping {e}", file=sys.stderr, flush=True)
     return None
 
 

@@ -17,6 +17,11 @@ from nanogpt_core.distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S
 from nanogpt_core.model import GPTConfig
 
 AUTOCAST_MODES = ("auto", "bf16", "off")
+# Fields that change how a run executes or reports, not what it optimises: a resumed run may
+# set them differently. Every other field must match the checkpoint's (see train.check_resume_matches);
+# the profile's name is one of these because its resolved fields are compared instead.
+EXECUTION_FIELDS = frozenset({"profile", "val_every", "val_steps", "checkpoint_every", "keep_last", "device",
+                              "threads", "compile", "autocast", "process_group_timeout_s"})
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, model_config_of,
                                      read_checkpoint)
+from nanogpt_core.config import EXECUTION_FIELDS
 from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
 from nanogpt_core.distributed import (DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistContext, peer_failures_named,
@@ -45,7 +46,8 @@ from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
 from nanogpt_core.pipes_bridge import run_training_entrypoint
 from nanogpt_core.schedule import cosine_lr
-from nanogpt_core.train import LoopPlan, TrainingObserver, TrainResult, configure_backend, run_training
+from nanogpt_core.train import (LoopPlan, TrainingObserver, TrainResult, add_resume_arguments, configure_backend,
+                                run_training)
 
 PREPARED_DATA_DIR = "data"
 IMPORTED_INIT_DIR = "init"
@@ -167,7 +169,8 @@ def resolve_init(init: str | Path, out_dir: Path, ctx: DistContext) -> tuple[Pat
 
 
 def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: str | Path | None = None, *,
-             resume: bool = False, observer: TrainingObserver | None = None) -> TrainResult:
+             resume: bool = False, observer: TrainingObserver | None = None,
+             allow_changed_config: bool = False) -> TrainResult:
     """Run (or resume) fine-tuning; every rank calls this, rank 0 writes the files.
 
     `init`: a checkpoint, a run folder (its newest checkpoint), or `hf:DIR_OR_NAME`.
@@ -179,7 +182,7 @@ def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: s
     try:
         with peer_failures_named(ctx):
             result = _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume,
-                               observer, ctx)
+                               observer, ctx, allow_changed_config)
     except BaseException:
         teardown_distributed(after_error=True)
         raise
@@ -189,7 +192,7 @@ def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: s
 
 
 def _finetune(cfg: FinetuneConfig, init: str | Path, out_dir: Path, data: Path | None, resume: bool,
-              observer: TrainingObserver | None, ctx: DistContext) -> TrainResult:
+              observer: TrainingObserver | None, ctx: DistContext, allow_changed_config: bool) -> TrainResult:
     configure_backend(cfg, ctx)
     grad_accum = cfg.grad_accum_steps(ctx.world_size)
     init_path, init_payload = resolve_init(init, out_dir, ctx)
@@ -257,7 +260,8 @@ def _finetune(cfg: FinetuneConfig, init: str | Path, out_dir: Path, data: Path |
               flush=True)
     return run_training(model, optimizer, plan, train_loader, val_loader, ctx=ctx, out_dir=out_dir,
                         lineage=lineage, run_config={**cfg.to_dict(), "resolved_max_steps": max_steps},
-                        resume=resume, observer=observer)
+                        resume=resume, observer=observer, execution_fields=EXECUTION_FIELDS,
+                        allow_changed_config=allow_changed_config)
 
 
 def _prepared_data(cfg: FinetuneConfig, data: Path | None, out_dir: Path, context_length: int,
@@ -302,7 +306,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, prepared data")
     parser.add_argument("--data", help="Dolly-style .jsonl file or folder, or a prepared instruction folder "
                                        "(default: the profile's source)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add_resume_arguments(parser)
     hints = get_type_hints(FinetuneConfig)
     group = parser.add_argument_group("config overrides (default: the profile's value)")
     for f in fields(FinetuneConfig):
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                      if f.name != "profile" and getattr(args, f.name) is not None}
         cfg = get_finetune_profile(args.profile, **overrides)
         return finetune(cfg, args.init or args.init_from, args.out, args.data, resume=args.resume,
-                        observer=observer)
+                        observer=observer, allow_changed_config=args.allow_changed_config)
 
     run_training_entrypoint(run, user_errors=(InstructionDataError, CheckpointError, HFFormatError, ValueError),
                             stage="finetune")

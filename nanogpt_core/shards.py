@@ -376,7 +376,11 @@ class ShardLoader:
     """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None, *,
+                 shrink_to_fit: bool = False):
+        """With `shrink_to_fit`, a split too small for one batch gets a smaller batch instead of an
+        error: fewer rows, then shorter rows (see `fitted_batch`). Meant for validation, where a
+        small corpus's held-out documents may not fill one training-sized batch."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.data_dir = Path(data_dir)
@@ -384,6 +388,10 @@ class ShardLoader:
         self.paths = self.manifest.shard_paths(self.data_dir, split)
         if not self.paths:
             raise ShardError(f"data folder {self.data_dir} has no {split} shards")
+        if shrink_to_fit:
+            smallest = min(s["tokens"] for s in self.manifest.shards if s["split"] == split)
+            batch_size, seq_len = fitted_batch(smallest, batch_size, seq_len, world_size, f"the {split} split of "
+                                               f"{self.data_dir}")
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.vocab_size = vocab_size
         self.window = batch_size * seq_len * world_size
@@ -421,6 +429,25 @@ class ShardLoader:
                              f"{len(self.paths)} shard(s) in this split")
         self._open(shard_index)
         self.offset = int(state["offset"])
+
+
+def fitted_batch(tokens: int, batch_size: int, seq_len: int, world_size: int, what: str) -> tuple[int, int]:
+    """The largest (rows, row length) no bigger than asked for whose one step fits in `tokens`.
+
+    Rows go first, so sequences keep their length while the split allows; one step reads
+    rows x length tokens per process plus one for the last target.
+    """
+    usable = tokens - 1
+    if usable >= batch_size * seq_len * world_size:
+        return batch_size, seq_len
+    rows = usable // (seq_len * world_size)
+    if rows >= 1:
+        return rows, seq_len
+    length = usable // world_size
+    if length < 1:
+        raise ShardError(f"{what} holds {tokens} token(s): too few for one token per process "
+                         f"({world_size}); give it more documents")
+    return 1, length
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,9 +31,9 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_model_weights,
-                                     prune_checkpoints, save_checkpoint)
-from nanogpt_core.config import TrainConfig, add_config_arguments, config_from_args
+from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, config_differences, latest_checkpoint,
+                                     load_model_weights, prune_checkpoints, save_checkpoint)
+from nanogpt_core.config import EXECUTION_FIELDS, TrainConfig, add_config_arguments, config_from_args
 from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, peer_failures_named,
                                       setup_distributed, teardown_distributed)
 from nanogpt_core.hardware import peak_flops
@@ -198,13 +199,17 @@ class LoopPlan:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume: bool = False,
-          observer: TrainingObserver | None = None) -> TrainResult:
-    """Run (or resume) a pretraining run; every rank calls this, rank 0 writes the files."""
+          observer: TrainingObserver | None = None, allow_changed_config: bool = False) -> TrainResult:
+    """Run (or resume) a pretraining run; every rank calls this, rank 0 writes the files.
+
+    A resume whose data version or training config differs from the checkpoint's is refused
+    unless `allow_changed_config` (see `check_resume_matches`).
+    """
     started = time.perf_counter()
     ctx = setup_distributed(cfg.device, cfg.process_group_timeout_s)
     try:
         with peer_failures_named(ctx):
-            result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx)
+            result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, allow_changed_config)
     except BaseException:
         teardown_distributed(after_error=True)
         raise
@@ -214,7 +219,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume
 
 
 def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observer: TrainingObserver | None,
-           ctx: DistContext) -> TrainResult:
+           ctx: DistContext, allow_changed_config: bool) -> TrainResult:
     configure_backend(cfg, ctx)
     grad_accum = cfg.grad_accum_steps(ctx.world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +230,14 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.max_lr, ctx.device_type)
     train_loader = ShardLoader(data_dir, "train", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                                cfg.vocab_size)
+    # A small corpus's held-out split may not fill one training batch; validation then uses what there is.
     val_loader = ShardLoader(data_dir, "val", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
-                             cfg.vocab_size)
+                             cfg.vocab_size, shrink_to_fit=True)
+    if (val_loader.B, val_loader.T) != (cfg.micro_batch_size, cfg.seq_len) and ctx.is_main:
+        print(f"warning: the val split of {data_dir} holds {train_loader.manifest.tokens.get('val')} tokens, less "
+              f"than one batch of {cfg.micro_batch_size} x {cfg.seq_len} per process; validation uses "
+              f"{val_loader.B} x {val_loader.T} instead, so its loss is noisy (rebuild the shards with a larger "
+              f"--val-fraction for a steadier one)", file=sys.stderr, flush=True)
     lineage = {
         "profile": cfg.profile,
         "data_dir": str(data_dir.resolve()),
@@ -244,26 +255,32 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
         val_every=cfg.val_every, val_steps=cfg.val_steps, checkpoint_every=cfg.checkpoint_every,
         keep_last=cfg.keep_last, seq_len=cfg.seq_len, compile=cfg.compile, autocast=cfg.autocast)
     return run_training(model, optimizer, plan, train_loader, val_loader, ctx=ctx, out_dir=out_dir,
-                        lineage=lineage, run_config=cfg.to_dict(), resume=resume, observer=observer)
+                        lineage=lineage, run_config=cfg.to_dict(), resume=resume, observer=observer,
+                        execution_fields=EXECUTION_FIELDS, allow_changed_config=allow_changed_config)
 
 
 def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, train_loader: BatchSource,
                  val_loader: BatchSource | None, *, ctx: DistContext, out_dir: Path, lineage: dict[str, Any],
                  run_config: dict[str, Any], resume: bool = False,
-                 observer: TrainingObserver | None = None) -> TrainResult:
+                 observer: TrainingObserver | None = None, execution_fields: Collection[str] = (),
+                 allow_changed_config: bool = False) -> TrainResult:
     """The optimisation loop shared by pretraining and fine-tuning, from resume to the last checkpoint.
 
     Every rank calls it with identical weights; rank 0 writes metrics.jsonl and the checkpoints.
     With `resume`, the newest complete checkpoint in `out_dir` replaces the weights, optimizer,
-    loader position and RNG states first, so the run continues as if never interrupted.
+    loader position and RNG states first, so the run continues as if never interrupted. The
+    checkpoint's data version and `run_config` must match this run's, `execution_fields`
+    aside, unless `allow_changed_config`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     lineage = dict(lineage)
     start_step, resumed_from, initial_val_loss, tokens_seen = 0, None, None, 0
-    found = latest_checkpoint(out_dir, map_location=ctx.device) if resume else None
+    found = latest_checkpoint(out_dir, map_location=ctx.device, resumable=True) if resume else None
     if found is not None:
         resumed_from, payload = found
         load_model_weights(model, payload, resumed_from)
+        check_resume_matches(payload, resumed_from, lineage, run_config, execution_fields, allow_changed_config,
+                             warn=ctx.is_main)
         optimizer.load_state_dict(payload["optimizer"])
         train_loader.load_state_dict(payload["loader"])
         saved_world = len(payload["rng"])
@@ -274,10 +291,6 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
         start_step = payload["step"] + 1
         initial_val_loss = payload["metrics"].get("initial_val_loss")
         tokens_seen = payload["metrics"].get("tokens_seen", 0)
-        data_version = lineage.get("data_version")
-        if payload["lineage"].get("data_version") != data_version and ctx.is_main:
-            print(f"warning: {resumed_from} was trained on data version {payload['lineage'].get('data_version')}, "
-                  f"resuming on {data_version}", file=sys.stderr)
         saved_parent, parent = payload["lineage"].get("parent_checkpoint"), lineage.get("parent_checkpoint")
         if saved_parent != parent:  # the lineage would name a checkpoint these weights do not descend from
             raise CheckpointError(f"{resumed_from} descends from {saved_parent}, not {parent}: resume from the "
@@ -398,6 +411,38 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
     return result
 
 
+def check_resume_matches(payload: dict[str, Any], path: Path, lineage: dict[str, Any], run_config: dict[str, Any],
+                         execution_fields: Collection[str], allow_changed: bool, warn: bool) -> None:
+    """Refuse to resume a checkpoint made on other data or with another training config.
+
+    Carrying on silently would splice two different runs together: a changed `max_steps`
+    alone moves every later step's learning rate. Fields that only change how the run
+    executes or reports (`execution_fields`) may differ. With `allow_changed`, the
+    differences are printed and the run goes on.
+    """
+    saved_version, version = payload["lineage"].get("data_version"), lineage.get("data_version")
+    problems = [] if saved_version == version else [f"data version: checkpoint {saved_version} vs run {version}"]
+    problems += config_differences(payload["train_config"], run_config, ignore=execution_fields)
+    if not problems:
+        return
+    listed = "; ".join(problems)
+    if not allow_changed:
+        raise CheckpointError(f"refusing to resume from {path}: this run differs from the one that wrote it "
+                              f"({listed}). Resume with the checkpoint's settings, write the new run to another "
+                              f"--out folder, or pass --allow-changed-config to continue anyway")
+    if warn:
+        print(f"warning: resuming from {path} with changes allowed ({listed}); the run is no longer the one "
+              f"that wrote it", file=sys.stderr, flush=True)
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resume and its override, shared by the train and finetune commands."""
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--allow-changed-config", action="store_true",
+                        help="with --resume, continue even when the data version or the training config differs "
+                             "from the checkpoint's (refused by default)")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanogpt_core.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -405,7 +450,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
     parser.add_argument("--data", required=True, help="shard folder (python -m nanogpt_core.shards)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add_resume_arguments(parser)
     add_config_arguments(parser)
     return parser
 
@@ -414,7 +459,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     run_training_entrypoint(
-        lambda observer: train(config_from_args(args), args.out, args.data, resume=args.resume, observer=observer),
+        lambda observer: train(config_from_args(args), args.out, args.data, resume=args.resume, observer=observer,
+                               allow_changed_config=args.allow_changed_config),
         user_errors=(ShardError, CheckpointError, ValueError), stage="pretrain")
 
 

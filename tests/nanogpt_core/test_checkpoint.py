@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, list_checkpoints,
-                                     load_checkpoint, load_model_weights, prune_checkpoints, read_checkpoint,
-                                     save_checkpoint)
+from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, config_differences, latest_checkpoint,
+                                     list_checkpoints, load_checkpoint, load_model_weights, prune_checkpoints,
+                                     read_checkpoint, save_checkpoint)
 from nanogpt_core.model import GPT, GPTConfig
 
 CFG = GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16)
@@ -113,3 +113,36 @@ def test_rng_states_and_lineage_survive_the_safe_loader(tmp_path):
     payload = torch.load(path, weights_only=True)
     assert torch.equal(payload["rng"][1]["torch"], state["torch"])
     assert payload["lineage"] == {"git_commit": None, "tokens_seen": 10}
+
+
+def test_files_under_a_checkpoint_name_that_are_no_checkpoint_are_skipped_with_a_warning(tmp_path, capsys):
+    save(tmp_path, 9)
+    (tmp_path / "model_00010.pt").write_text("hello world")  # torch's legacy reader raised KeyError on this
+    (tmp_path / "model_00011.pt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "model_00012.pt").mkdir()
+    torch.save([torch.zeros(2)], tmp_path / "model_00013.pt")
+    torch.save({"format": "nanogpt-pipeline/checkpoint", "format_version": 1}, tmp_path / "model_00014.pt")
+    path, payload = latest_checkpoint(tmp_path)
+    assert path.name == "model_00009.pt" and payload["step"] == 9
+    warnings = capsys.readouterr().err
+    for step in (10, 11, 12, 13, 14):
+        assert "warning: skipping" in warnings and f"model_{step:05d}.pt" in warnings, (step, warnings)
+    assert "lacks a usable 'step' field" in warnings
+
+
+def test_a_resume_skips_a_checkpoint_that_holds_weights_but_no_training_state(tmp_path, capsys):
+    full = save(tmp_path, 4, optimizer=torch.optim.AdamW(GPT(CFG).parameters()),
+                loader_state={"offset": 0}, rng_states=[{"torch": torch.get_rng_state()}])
+    weights_only = save(tmp_path, 9)  # e.g. an imported Hugging Face model copied into the run folder
+    assert latest_checkpoint(tmp_path)[0] == weights_only
+    assert latest_checkpoint(tmp_path, resumable=True)[0] == full
+    assert f"checkpoint {weights_only} lacks a usable 'optimizer' field" in capsys.readouterr().err
+
+
+def test_config_differences_name_each_changed_field_and_honour_the_ignored_ones():
+    saved = {"max_steps": 16, "max_lr": 3e-3, "device": "cpu", "seed": 1}
+    current = {"max_steps": 20, "max_lr": 3e-3, "device": "cuda", "n_layer": 4}
+    assert config_differences(saved, current, ignore={"device"}) == [
+        "max_steps: checkpoint 16 vs run 20", "n_layer: checkpoint (not recorded) vs run 4",
+        "seed: checkpoint 1 vs run (not recorded)"]
+    assert config_differences(saved, dict(saved)) == []

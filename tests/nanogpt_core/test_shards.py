@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanogpt_core.shards import (HEADER_BYTES, MAGIC, ShardError, ShardLoader, ShardManifest, build_shards,
-                                 is_val_document, read_shard, write_shard)
+                                 fitted_batch, is_val_document, read_shard, write_shard)
 from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
 
 TEXTS = [f"Document number {i} talks about topic {i % 7} at some length. " * (5 + i % 11) for i in range(300)]
@@ -144,3 +144,24 @@ def test_a_jsonl_line_without_text_is_reported_with_its_line_number(tmp_path):
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(ShardError, match=r"bad.jsonl:2 is not a JSON object with a 'text' field"):
         list(iter_texts_from_files([path]))
+
+
+def test_a_split_too_small_for_one_batch_gets_fewer_rows_then_shorter_rows():
+    assert fitted_batch(10_000, 4, 64, 2, "val") == (4, 64)  # fits: unchanged
+    assert fitted_batch(291, 4, 64, 2, "val") == (2, 64)  # 290 usable tokens: two rows of 64 per process
+    assert fitted_batch(29, 4, 64, 2, "val") == (1, 14)  # not one row: shorter rows
+    with pytest.raises(ShardError, match="the val split of data holds 2 token"):
+        fitted_batch(2, 4, 64, 2, "the val split of data")
+
+
+def test_a_loader_asked_to_shrink_reads_the_whole_small_split_without_overlap(tmp_path):
+    build_shards(TEXTS[:40], tmp_path, val_fraction=0.05)
+    val_tokens = ShardManifest.load(tmp_path).tokens["val"]
+    with pytest.raises(ShardError, match="fewer than one step needs"):
+        ShardLoader(tmp_path, "val", 64, 64)
+    ranks = [ShardLoader(tmp_path, "val", 64, 64, rank, 2, shrink_to_fit=True) for rank in range(2)]
+    (x0, y0), (x1, _) = ranks[0].next_batch(), ranks[1].next_batch()
+    B, T = ranks[0].B, ranks[0].T
+    assert (B, T) != (64, 64) and B * T * 2 + 1 <= val_tokens
+    assert x0.shape == x1.shape == (B, T) and torch.equal(x0.flatten()[1:], y0.flatten()[:-1])
+    assert not torch.equal(x0, x1)  # each rank its own slice

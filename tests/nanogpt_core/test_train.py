@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -177,3 +178,50 @@ def test_resuming_with_an_incompatible_model_names_the_checkpoint(uninterrupted_
                           "--resume")
     assert f"checkpoint {run / f'model_{STEPS - 1:05d}.pt'} was made with an incompatible model config" in stderr
     assert "n_embd: checkpoint 64 vs run 128" in stderr
+
+
+def test_resuming_with_a_changed_training_config_is_refused_naming_the_fields(uninterrupted_run, demo_shards,
+                                                                               tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run)
+    stderr = _train_fails(*TRAIN_ARGS, "--max-steps", "20", "--max-lr", "1e-3", "--val-every", "5",
+                          "--data", str(demo_shards), "--out", str(run), "--resume")
+    assert f"refusing to resume from {run / f'model_{STEPS - 1:05d}.pt'}" in stderr
+    assert "max_lr: checkpoint 0.003 vs run 0.001" in stderr and "max_steps: checkpoint 16 vs run 20" in stderr
+    assert "val_every" not in stderr  # how often validation runs does not change what is trained
+    assert "--allow-changed-config" in stderr
+    assert [p.name for p in list_checkpoints(run)] == [p.name for p in list_checkpoints(uninterrupted_run)]
+
+
+def test_resuming_on_other_data_is_refused_unless_allowed(uninterrupted_run, tmp_path):
+    from nanogpt_core.shards import build_shards
+
+    other = build_shards([f"Another corpus, document {i}, about nothing in particular. " * 40 for i in range(60)],
+                         tmp_path / "other", val_fraction=0.1)
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run)
+    saved_version = read_checkpoint(list_checkpoints(run)[-1])["lineage"]["data_version"]
+    stderr = _train_fails(*TRAIN_ARGS, "--data", str(tmp_path / "other"), "--out", str(run), "--resume")
+    assert f"data version: checkpoint {saved_version} vs run {other.data_version}" in stderr
+
+    result = run_module("nanogpt_core.train", *TRAIN_ARGS, "--max-steps", str(STEPS + 1), "--data",
+                        str(tmp_path / "other"), "--out", str(run), "--resume", "--allow-changed-config")
+    assert "with changes allowed (data version:" in result.stderr and "max_steps: checkpoint 16 vs run 17" in result.stderr
+    final = read_checkpoint(list_checkpoints(run)[-1])
+    assert final["step"] == STEPS and final["lineage"]["data_version"] == other.data_version
+    assert final["lineage"]["resumed_from"].endswith(f"model_{STEPS - 1:05d}.pt")
+
+
+def test_a_small_corpus_with_default_shard_settings_trains_on_micro(shared_data, tmp_path):
+    """155 FineWeb-Edu documents at the default 1% val split leave one short document for
+    validation, less than one micro batch on two processes: validation uses what there is."""
+    data = tmp_path / "data"
+    run_module("nanogpt_core.shards", "build", str(shared_data / "fineweb_edu" / "fineweb_edu_sample_155.parquet"),
+               "--out", str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["documents"]["val"] == 1 and manifest["tokens"]["val"] < 4 * 64 * 2 + 1
+    result = run_module("nanogpt_core.train", "--profile", "micro", "--max-steps", "2", "--data", str(data),
+                        "--out", str(tmp_path / "run"), nproc=2)
+    assert f"the val split of {data} holds {manifest['tokens']['val']} tokens" in result.stderr
+    final = read_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert final["step"] == 1 and math.isfinite(final["metrics"]["val_loss"])
