@@ -18,8 +18,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -101,7 +102,7 @@ def list_models(request: Request) -> ModelList:
 
 
 @router.get("/models/{model_name}", responses=_ERRORS)
-def retrieve_model(model_name: str, request: Request):
+def retrieve_model(model_name: Annotated[str, Path(examples=["nanogpt"])], request: Request):
     return _registry(request).resolve(model_name).card(model_name)
 
 
