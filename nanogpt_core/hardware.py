@@ -7,8 +7,11 @@ import time
 
 import torch
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts).
-CUDA_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+# Dense bf16 tensor-core peaks from the vendors' data sheets. The first key contained in the
+# device name wins, so the PCIe and NVL parts (lower clocks and power) come before the SXM
+# parts, whose names carry no suffix ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+CUDA_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12,
+                        "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                         "4090": 165e12, "3090": 71e12}
 
 

@@ -20,7 +20,9 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
                   float(np_cached)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only this process's own GPU: asking for every device's state would open a CUDA context
+        # on each GPU of the machine from every rank (hundreds of MB each, for nothing).
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
     return state
 
@@ -32,4 +34,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # Older checkpoints hold one state per visible device; newer ones only this rank's own.
+        cuda_states = state["cuda"]
+        own = cuda_states[torch.cuda.current_device()] if len(cuda_states) > 1 else cuda_states[0]
+        torch.cuda.set_rng_state(own.cpu())

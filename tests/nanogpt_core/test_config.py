@@ -48,3 +48,8 @@ def test_every_field_has_a_command_line_flag():
     cfg = config_from_args(args)
     assert (cfg.profile, cfg.n_layer, cfg.max_lr, cfg.compile) == ("micro", 3, 2e-3, False)
     assert cfg.n_embd == PROFILES["micro"].n_embd
+
+
+def test_an_unknown_autocast_mode_is_refused_with_the_modes_named():
+    with pytest.raises(ValueError, match=r"autocast must be one of auto, bf16, off, got 'fp8'"):
+        get_profile("micro", autocast="fp8")
