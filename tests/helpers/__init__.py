@@ -1,0 +1,1 @@
+"""Helpers shared by test modules: processes, training runs, simulated hosts."""
