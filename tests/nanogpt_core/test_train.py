@@ -18,19 +18,13 @@ import torch
 from nanogpt_core.checkpoint import list_checkpoints, read_checkpoint
 
 from ..conftest import PROJECT_ROOT, python_env, run_module
+from ..helpers.processes import is_alive, process_tree
+from ..helpers.training_runs import losses, read_metrics
 
 pytestmark = pytest.mark.slow
 
 STEPS = 16
 TRAIN_ARGS = ["--profile", "micro", "--max-steps", str(STEPS), "--checkpoint-every", "4", "--val-every", "4"]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
-    return [(m["step"], m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -102,31 +96,6 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(uninterrupted_run, demo_s
         assert torch.equal(resumed["model"][name], tensor), name
     for key, state in reference["optimizer"]["state"].items():
         assert torch.equal(resumed["optimizer"]["state"][key]["exp_avg_sq"], state["exp_avg_sq"])
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc (torchrun puts workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        tree.append(pid)
-        frontier.extend(children.get(pid, []))
-    return tree
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_killing_torchrun_alone_takes_its_workers_with_it(demo_shards, tmp_path):
