@@ -34,8 +34,9 @@ class ProfileConfig(dg.Config):
 
 
 class RawTextConfig(ProfileConfig):
-    source: Optional[str] = Field(None, description="fineweb-edu | local | demo (default: the profile's)")
-    path: Optional[str] = Field(None, description="file or folder for the local source")
+    source: Optional[str] = Field(None, description="fineweb-edu | local | folder | demo (default: the profile's)")
+    path: Optional[str] = Field(None, description="file or folder for the local source; for the folder source, "
+                                                  "default: $NANOGPT_INCOMING, else <artifacts>/incoming")
     limit: Optional[int] = Field(None, description="at most this many documents")
 
 

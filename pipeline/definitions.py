@@ -8,7 +8,7 @@ from pipeline.assets.data import dolly_prompts, raw_fineweb, token_shards
 from pipeline.assets.deployment import deployed_model, hellaswag_scores
 from pipeline.assets.export import hf_export
 from pipeline.assets.training import finetuned_checkpoint, pretrained_checkpoint
-from pipeline.automation import new_raw_text, retokenize_job, retrain_job, weekly_retraining
+from pipeline.automation import new_incoming_text, retrain_job, weekly_retraining
 from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
 from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
@@ -17,9 +17,9 @@ defs = dg.Definitions(
     assets=[raw_fineweb, token_shards, dolly_prompts, pretrained_checkpoint, finetuned_checkpoint,
             hellaswag_scores, deployed_model, hf_export],
     asset_checks=[shards_are_valid, dolly_prompts_are_valid],
-    jobs=[retrain_job, retokenize_job],
+    jobs=[retrain_job],
     schedules=[weekly_retraining],
-    sensors=[new_raw_text],
+    sensors=[new_incoming_text],
     resources={
         "artifacts": ArtifactStore(),
         "pipes_subprocess_client": training_pipes_client(),

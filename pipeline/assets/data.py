@@ -1,13 +1,17 @@
 """Data assets: raw pretraining text, its token shards, and the instruction prompts."""
 
 
+import itertools
+
 import dagster as dg
 
+from nanogpt_core.data.folder_source import scan_folder
 from nanogpt_core.data.instructions import prepare_from_source
 from nanogpt_core.data.raw import iter_raw_texts, write_raw_parquet
-from nanogpt_core.data.text_sources import iter_documents
+from nanogpt_core.data.text_sources import TextSourceError, iter_documents
 from nanogpt_core.shards import build_shards
 from pipeline.config import InstructionConfig, RawTextConfig, ShardsConfig
+from pipeline.incoming import FOLDER_HASH_METADATA, incoming_folder
 from pipeline.resources import ArtifactStore
 from pipeline.upstream import latest_output
 
@@ -15,18 +19,33 @@ DATA_GROUP = "data"
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"parquet"}, code_version="1",
-          description="Pretraining documents (FineWeb-Edu, local files or the offline demo corpus) as parquet.")
+          description="Pretraining documents (FineWeb-Edu, local files, the incoming text folder or the offline "
+                      "demo corpus) as parquet.")
 def raw_fineweb(context: dg.AssetExecutionContext, config: RawTextConfig,
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
     source = config.source or config.train_config().data_source
-    scratch = artifacts.scratch("raw_fineweb")
-    stats = write_raw_parquet(iter_documents(source, path=config.path, limit=config.limit),
-                              scratch / "documents.parquet", source={"source": source, "path": config.path,
-                                                                      "limit": config.limit})
+    metadata: dict = {"source": source}
+    try:
+        if source == "folder":
+            snapshot = scan_folder(config.path or incoming_folder(artifacts))
+            documents = snapshot.documents()
+            description = snapshot.describe()
+            metadata.update({"folder": dg.MetadataValue.path(str(snapshot.folder)), "files": len(snapshot.files),
+                             FOLDER_HASH_METADATA: snapshot.content_hash})
+        else:
+            documents = iter_documents(source, path=config.path)
+            description = {"source": source, "path": config.path}
+        if config.limit is not None:
+            documents = itertools.islice(documents, config.limit)
+        scratch = artifacts.scratch("raw_fineweb")
+        stats = write_raw_parquet(documents, scratch / "documents.parquet",
+                                  source={**description, "limit": config.limit})
+    except TextSourceError as e:
+        raise dg.Failure(f"raw_fineweb cannot read its {source} source: {e}") from e
     folder = artifacts.promote(scratch, "raw_fineweb", stats.content_hash)
     context.log.info(f"{stats.documents} documents, {stats.characters} characters from {source}")
     return dg.MaterializeResult(
-        metadata={"path": dg.MetadataValue.path(str(folder / "documents.parquet")), "source": source,
+        metadata={"path": dg.MetadataValue.path(str(folder / "documents.parquet")), **metadata,
                   "documents": stats.documents, "characters": stats.characters, "bytes": stats.bytes,
                   "content_hash": stats.content_hash},
         data_version=dg.DataVersion(stats.content_hash))
