@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from serving.manifest import DEFAULT_MODEL_ID, ManifestError, read_manifest
+from nanogpt_core.deployment_manifest import DEFAULT_MODEL_ID, ManifestError, read_manifest
 from serving.settings import (
     API_KEYS_ENV,
     LOBECHAT_LOCAL_ORIGINS,
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest checks")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0,
+                        help="seconds a stopping server (SIGTERM, Ctrl-C) gives running responses before it "
+                             "ends them with a final event; as gunicorn's graceful_timeout")
     return parser
 
 
@@ -99,9 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from serving.app import create_app
+    from serving.drain import ACCEPTED_REQUESTS_READ_S, Drain, DrainingServer, DrainMiddleware, shutdown_deadlines
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+    # The same drain as a gunicorn worker's: streams still running near the deadline end with a
+    # final error event and [DONE] rather than being cut mid-event when uvicorn gives up.
+    try:
+        drain_s, hard_s = shutdown_deadlines(args.graceful_timeout)
+    except ValueError as e:
+        sys.exit(f"nanogpt-serve: --graceful-timeout: {e}")
+    drain = Drain(drain_s)
+    config = uvicorn.Config(DrainMiddleware(create_app(settings), drain), host=settings.host, port=settings.port,
+                            log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(0.0, hard_s - ACCEPTED_REQUESTS_READ_S))
+    DrainingServer(config, drain).run()
 
 
 if __name__ == "__main__":

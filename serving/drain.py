@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from starlette.responses import JSONResponse
+from uvicorn.server import Server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Not serving.errors: gunicorn imports the worker class, and with it this module, in its
@@ -24,6 +25,7 @@ log = logging.getLogger("serving")
 
 SHUTTING_DOWN_CODE = "server_shutting_down"
 _CUT_SHORT_MESSAGE = "The server is restarting and ended this response early; please retry the request."
+ACCEPTED_REQUESTS_READ_S = 0.5
 
 
 def shutdown_deadlines(graceful_timeout_s: float) -> tuple[float, float]:
@@ -142,3 +144,22 @@ def _final_events() -> bytes:
 async def _shutting_down(scope: Scope, receive: Receive, send: Send) -> None:
     body = _shutdown_error("The server is restarting; please retry the request.").model_dump()
     await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+
+
+class DrainingServer(Server):
+    """A uvicorn server that starts the drain's countdown when its shutdown begins."""
+
+    def __init__(self, config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    async def shutdown(self, sockets=None) -> None:
+        self.drain.begin()
+        # uvicorn closes every connection with no request in progress, meant for idle kept-alive
+        # ones. A connection accepted a moment ago whose request is still unread in its socket
+        # buffer looks the same, and closing it would reset the client: so stop accepting
+        # first, and give such requests time to be read before uvicorn looks.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(ACCEPTED_REQUESTS_READ_S)
+        await super().shutdown(sockets=sockets)

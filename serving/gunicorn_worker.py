@@ -16,20 +16,17 @@ tests can tell which worker answered.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from serving.drain import Drain, DrainMiddleware, shutdown_deadlines
+from serving.drain import ACCEPTED_REQUESTS_READ_S, Drain, DrainingServer, DrainMiddleware, shutdown_deadlines
 
 WORKER_PID_HEADER = "x-worker-pid"
-ACCEPTED_REQUESTS_READ_S = 0.5
 
 
 class DrainingUvicornWorker(UvicornWorker):
@@ -50,23 +47,6 @@ class DrainingUvicornWorker(UvicornWorker):
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
-
-
-class DrainingServer(Server):
-    def __init__(self, config, drain: Drain) -> None:
-        super().__init__(config)
-        self.drain = drain
-
-    async def shutdown(self, sockets=None) -> None:
-        self.drain.begin()
-        # uvicorn closes every connection with no request in progress, meant for idle kept-alive
-        # ones. A connection accepted a moment ago whose request is still unread in its socket
-        # buffer looks the same, and closing it would reset the client: so stop accepting
-        # first, and give such requests time to be read before uvicorn looks.
-        for server in self.servers:
-            server.close()
-        await asyncio.sleep(ACCEPTED_REQUESTS_READ_S)
-        await super().shutdown(sockets=sockets)
 
 
 class WorkerPidHeader:

@@ -2,7 +2,8 @@
 
 One server (`gunicorn --config gunicorn_config.py serving.app:app`) is shared by the tests
 that leave it running; the shutdown test starts its own, with the no-argument form
-(`gunicorn -c gunicorn_config.py`). Workers are told apart by the `x-worker-pid` header,
+(`gunicorn -c gunicorn_config.py`), and the last test shows that a single `python -m serving`
+process drains the same way. Workers are told apart by the `x-worker-pid` header,
 and the test knows which workers exist from the master's children in /proc.
 """
 
@@ -28,7 +29,7 @@ from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.model import GPT, GPTConfig
 from serving.drain import SHUTTING_DOWN_CODE
 from serving.gunicorn_worker import WORKER_PID_HEADER
-from serving.manifest import write_manifest
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest
 from tests.serving.conftest import API_KEYS, PROJECT_ROOT, ServerProcess, free_port, make_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
@@ -72,7 +73,7 @@ class GunicornProcess(ServerProcess):
 
 def start_gunicorn(root: Path, checkpoint: Path, *, app_argument: bool = True) -> tuple[GunicornProcess, Path]:
     manifest = root / "deployment" / "current.json"
-    write_manifest(manifest, checkpoint_path=checkpoint, deployment_id="deploy-1", lineage={}, scores={})
+    write_manifest(manifest, new_manifest(checkpoint_path=checkpoint, deployment_id="deploy-1"))
     port = free_port()
     server = GunicornProcess(args=[], log_path=root / "gunicorn.log", port=port, app_argument=app_argument, env={
         "NANOGPT_MANIFEST": str(manifest), "NANOGPT_API_KEYS": ",".join(API_KEYS),
@@ -120,7 +121,7 @@ def chat(server: ServerProcess, **fields) -> httpx.Response:
 
 @dataclass
 class StreamResult:
-    worker: int
+    worker: int | None
     events: list[str]  # the data of each SSE event, "[DONE]" included
     ended_at: float  # time.monotonic() when the body ended
 
@@ -137,7 +138,8 @@ def stream_completion(server: ServerProcess, max_tokens: int, first_token: threa
                 events.append(line.removeprefix("data: "))
                 if first_token is not None:
                     first_token.set()
-        return StreamResult(worker_of(response), events, time.monotonic())
+        worker = response.headers.get(WORKER_PID_HEADER)  # None from a server without gunicorn
+        return StreamResult(int(worker) if worker else None, events, time.monotonic())
 
 
 def finish_reason(result: StreamResult) -> str | None:
@@ -193,7 +195,7 @@ def test_metrics_add_up_every_workers_requests(gunicorn):
 
 def test_a_manifest_swap_reaches_every_worker(gunicorn):
     new_checkpoint = make_checkpoint(gunicorn.manifest.parent.parent / "run" / "model_00002.pt", seed=2, step=2)
-    write_manifest(gunicorn.manifest, checkpoint_path=new_checkpoint, deployment_id="deploy-2", lineage={}, scores={})
+    write_manifest(gunicorn.manifest, new_manifest(checkpoint_path=new_checkpoint, deployment_id="deploy-2"))
     workers = gunicorn.worker_pids()
     serving: dict[int, str] = {}
     deadline = time.monotonic() + 60
@@ -296,3 +298,35 @@ def test_sigterm_drains_streams_within_graceful_timeout_and_refuses_new_connecti
     assert all(ending in ("length", SHUTTING_DOWN_CODE) for ending in endings), endings
     assert SHUTTING_DOWN_CODE in endings
     assert all(r.ended_at - terminated_at < GRACEFUL_TIMEOUT_S for r in results)
+
+
+def test_a_single_process_server_drains_its_streams_the_same_way_on_sigterm(tmp_path):
+    # `python -m serving` has no gunicorn around it; it takes its drain deadline from --graceful-timeout.
+    checkpoint = long_context_checkpoint(tmp_path / "run" / "model_00001.pt")
+    server = ServerProcess(args=["--checkpoint", str(checkpoint), "--threads", "1",
+                                 "--graceful-timeout", str(GRACEFUL_TIMEOUT_S)],
+                           env={"NANOGPT_API_KEYS": ",".join(API_KEYS)}, log_path=tmp_path / "server.log").start()
+    try:
+        first_token = threading.Event()
+        results: list[StreamResult | Exception] = []
+
+        def stream() -> None:
+            try:
+                results.append(stream_completion(server, max_tokens=8000, first_token=first_token))
+            except Exception as e:
+                results.append(e)
+
+        client = threading.Thread(target=stream)
+        client.start()
+        assert first_token.wait(timeout=60)
+        terminated_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        client.join(timeout=GRACEFUL_TIMEOUT_S + 10)
+        server.process.wait(timeout=GRACEFUL_TIMEOUT_S + 10)
+        exited_at = time.monotonic()
+    finally:
+        server.stop()
+
+    assert exited_at - terminated_at < GRACEFUL_TIMEOUT_S, server.log()
+    assert len(results) == 1 and isinstance(results[0], StreamResult), results
+    assert finish_reason(results[0]) == SHUTTING_DOWN_CODE, results[0].events[-3:]
