@@ -77,7 +77,8 @@ def test_keys_from_a_key_file_and_a_full_queue(checkpoint, tmp_path):
         assert httpx.get(url, headers={"Authorization": "Bearer sk-file"}, timeout=10).status_code == 401
 
         # One slot and one place in the queue: of three long streams at once, one is turned away.
-        body = {"prompt": "Once", "max_tokens": 240, "stream": True}
+        # No <|endoftext|>, so that neither admitted stream can end early and free its place.
+        body = {"prompt": "Once", "max_tokens": 240, "stream": True, "logit_bias": {"50256": -100}}
         headers = {"Authorization": "Bearer sk-file-one"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
             streams = [client.stream("POST", "/v1/completions", json=body) for _ in range(3)]
