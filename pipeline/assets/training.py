@@ -18,11 +18,12 @@ from pathlib import Path
 import dagster as dg
 
 from nanogpt_core.checkpoint import CheckpointError, read_checkpoint
+from nanogpt_core.finetune import FinetuneConfig, get_finetune_profile
 from pipeline.assets.data import dolly_prompts, token_shards
 from pipeline.config import TorchrunConfig
 from pipeline.loss_curve import loss_curve_markdown, loss_curve_svg, read_metrics
 from pipeline.resources import ArtifactStore
-from pipeline.torchrun import run_through_pipes, torchrun_command
+from pipeline.torchrun import TrainingConfig, run_through_pipes, torchrun_command, training_deadline
 from pipeline.upstream import latest_output
 
 TRAINING_GROUP = "training"
@@ -35,6 +36,26 @@ def run_key(*parts: object) -> str:
 
 def trainer_overrides(config: TorchrunConfig) -> list[str]:
     return [*(["--max-steps", str(config.max_steps)] if config.max_steps else []), *config.extra_args]
+
+
+def finetune_config(config: TorchrunConfig) -> FinetuneConfig:
+    """The fine-tuning config the trainer resolves from the profile (extra_args aside, which are keyed as given)."""
+    cfg = get_finetune_profile(config.profile)
+    return replace(cfg, max_steps=config.max_steps) if config.max_steps else cfg
+
+
+def finetune_run_key(config: TorchrunConfig, parent_version: str, prompts_version: str) -> str:
+    """Keyed on the resolved config, not the profile's name, so an edited profile starts a new run
+    rather than resuming one made with the old settings."""
+    return run_key(finetune_config(config).to_dict(), parent_version, prompts_version,
+                   config.nproc_per_node * config.nnodes, config.extra_args)
+
+
+def launch_training(context: dg.AssetExecutionContext, config: TrainingConfig,
+                    client: dg.PipesSubprocessClient, module: str,
+                    args: list[str]) -> dg.PipesClientCompletedInvocation:
+    deadline = training_deadline(context, config.max_runtime_s)
+    return run_through_pipes(context, client, torchrun_command(config, module, args, deadline), deadline=deadline)
 
 
 def checkpoint_check(asset: str, checkpoint: Path) -> dg.AssetCheckResult:
@@ -91,7 +112,7 @@ def finish_training(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
           check_specs=[dg.AssetCheckSpec(CHECKPOINT_CHECK, asset="pretrained_checkpoint",
                                          description="loads with weights_only; val loss finite and below step 0's")],
           description="GPT-2 pretrained on the token shards by torchrun (DDP), launched through Pipes.")
-def pretrained_checkpoint(context: dg.AssetExecutionContext, config: TorchrunConfig, artifacts: ArtifactStore,
+def pretrained_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, artifacts: ArtifactStore,
                           pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     shards = latest_output(context, "token_shards")
     cfg = config.train_config()
@@ -102,8 +123,7 @@ def pretrained_checkpoint(context: dg.AssetExecutionContext, config: TorchrunCon
                                      config.extra_args))
     args = ["--profile", config.profile, "--data", str(shards.path), "--out", str(run_dir), "--resume",
             *trainer_overrides(config)]
-    invocation = run_through_pipes(context, pipes_subprocess_client,
-                                   torchrun_command(config, "nanogpt_core.train", args))
+    invocation = launch_training(context, config, pipes_subprocess_client, "nanogpt_core.train", args)
     return finish_training(context, artifacts, "pretrained_checkpoint", invocation, run_dir,
                            {"token_shards": shards.data_version})
 
@@ -114,16 +134,14 @@ def pretrained_checkpoint(context: dg.AssetExecutionContext, config: TorchrunCon
                                          description="loads with weights_only; val loss finite and below step 0's")],
           description="The pretrained model fine-tuned on the instruction prompts (prompt tokens masked), "
                       "by torchrun through Pipes.")
-def finetuned_checkpoint(context: dg.AssetExecutionContext, config: TorchrunConfig, artifacts: ArtifactStore,
+def finetuned_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, artifacts: ArtifactStore,
                          pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     parent = latest_output(context, "pretrained_checkpoint")
     prompts = latest_output(context, "dolly_prompts")
     run_dir = artifacts.path("finetuned_checkpoint", "runs",
-                             run_key(config.profile, config.max_steps, parent.data_version, prompts.data_version,
-                                     config.nproc_per_node * config.nnodes, config.extra_args))
+                             finetune_run_key(config, parent.data_version, prompts.data_version))
     args = ["--profile", config.profile, "--init", str(parent.path), "--data", str(prompts.path),
             "--out", str(run_dir), "--resume", *trainer_overrides(config)]
-    invocation = run_through_pipes(context, pipes_subprocess_client,
-                                   torchrun_command(config, "nanogpt_core.finetune", args))
+    invocation = launch_training(context, config, pipes_subprocess_client, "nanogpt_core.finetune", args)
     return finish_training(context, artifacts, "finetuned_checkpoint", invocation, run_dir,
                            {"pretrained_checkpoint": parent.data_version, "dolly_prompts": prompts.data_version})
