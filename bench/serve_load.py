@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from nanogpt_core.checkpoint import save_checkpoint  # noqa: E402
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 from serve_throughput import cpu_model  # noqa: E402
-from serving.manifest import write_manifest  # noqa: E402
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest  # noqa: E402
 
 DEMO_SHAPE = GPTConfig(block_size=256, vocab_size=50304, n_layer=4, n_head=4, n_embd=256)
 LOAD_KEY = "sk-load-test"
@@ -117,7 +117,7 @@ def swap_twice(manifest: Path, checkpoints: list[Path], seconds: float, log: lis
         for i in (1, 2):
             time.sleep(seconds / 3)
             deployment_id = f"load-{i + 1}"
-            write_manifest(manifest, checkpoint_path=checkpoints[i % 2], deployment_id=deployment_id)
+            write_manifest(manifest, new_manifest(checkpoint_path=checkpoints[i % 2], deployment_id=deployment_id))
             log.append({"deployment_id": deployment_id, "at_s": round(i * seconds / 3, 1)})
     thread = threading.Thread(target=swap, daemon=True)
     thread.start()
@@ -144,7 +144,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(server_name: str, workdir: Path, checkpoints: list[Path], users: int, seconds: int) -> dict:
     manifest = workdir / "deployment" / "current.json"
-    write_manifest(manifest, checkpoint_path=checkpoints[0], deployment_id="load-1")
+    write_manifest(manifest, new_manifest(checkpoint_path=checkpoints[0], deployment_id="load-1"))
     port = free_port()
     target = server_target(server_name, manifest, port, os.cpu_count() or 2)
     (manifest.parent / "metrics").mkdir(exist_ok=True)

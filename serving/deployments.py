@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
+from nanogpt_core.deployment_manifest import Manifest, ManifestError, read_manifest
 from serving.engine import Engine, EngineMetrics
 from serving.errors import model_not_found, model_replaced
 from serving.kv_decoder import BatchDecoder
-from serving.manifest import Manifest, ManifestError, read_manifest
 from serving.schemas import ModelCard
 from serving.settings import ServerSettings
 

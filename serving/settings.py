@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.manifest import DEFAULT_MODEL_ID
+from nanogpt_core.deployment_manifest import DEFAULT_MODEL_ID
 
 API_KEYS_ENV = "NANOGPT_API_KEYS"
 API_KEY_FILE_ENV = "NANOGPT_API_KEY_FILE"

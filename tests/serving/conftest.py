@@ -21,7 +21,7 @@ import torch
 
 from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.model import GPT, GPTConfig
-from serving.manifest import write_manifest
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 API_KEYS = ("sk-test-first", "sk-test-second")
@@ -114,10 +114,9 @@ class Deployment:
 def deployment(tmp_path_factory) -> Deployment:
     root = tmp_path_factory.mktemp("serving")
     checkpoint = make_checkpoint(root / "run" / "model_00001.pt", seed=1, step=1)
-    manifest = write_manifest(root / "deployment" / "current.json", checkpoint_path=checkpoint,
-                              deployment_id="deploy-1", lineage={"token_shards": "v1"},
-                              scores={"benchmark": "demo-cloze", "acc": 0.25, "acc_norm": 0.26, "n": 100})
-    del manifest
+    write_manifest(root / "deployment" / "current.json", new_manifest(
+        checkpoint_path=checkpoint, deployment_id="deploy-1", lineage={"token_shards": "v1"},
+        scores={"benchmark": "demo-cloze", "acc": 0.25, "acc_norm": 0.26, "n": 100}))
     server = ServerProcess(
         args=["--manifest", str(root / "deployment" / "current.json"), "--threads", "1", "--max-batch", "8",
               "--max-queue", "64", "--poll-interval", "0.2"],

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from serving.manifest import write_manifest
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest
 from tests.serving.conftest import make_checkpoint
 
 pytestmark = pytest.mark.slow  # against a real server process
@@ -114,9 +114,10 @@ def test_manifest_swap_under_load_fails_no_request(deployment):
             stop_at = time.monotonic() + 4.0
             askers = [asyncio.create_task(keep_asking(client, stop_at, results)) for _ in range(4)]
             await asyncio.sleep(0.5)
-            write_manifest(deployment.manifest, checkpoint_path=new_checkpoint, deployment_id=f"deploy-{new_step}",
-                           lineage={"token_shards": f"v{new_step}"},
-                           scores={"benchmark": "demo-cloze", "acc": 0.3, "acc_norm": 0.31, "n": 100})
+            write_manifest(deployment.manifest, new_manifest(
+                checkpoint_path=new_checkpoint, deployment_id=f"deploy-{new_step}",
+                lineage={"token_shards": f"v{new_step}"},
+                scores={"benchmark": "demo-cloze", "acc": 0.3, "acc_norm": 0.31, "n": 100}))
             done = await asyncio.wait_for(asyncio.gather(*long_running, *askers), timeout=120)
         return [r for r in done if r is not None] + results
 

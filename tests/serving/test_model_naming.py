@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from serving.manifest import write_manifest
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest
 from tests.serving.conftest import API_KEYS, ServerProcess, make_checkpoint
 
 pytestmark = pytest.mark.slow  # against real server processes
@@ -66,7 +66,7 @@ def swapping_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("naming")
     manifest = root / "deployment" / "current.json"
     first = make_checkpoint(root / "run" / "model_00010.pt", seed=10, step=10)
-    write_manifest(manifest, checkpoint_path=first, deployment_id="deploy-10")
+    write_manifest(manifest, new_manifest(checkpoint_path=first, deployment_id="deploy-10"))
     server = ServerProcess(args=["--manifest", str(manifest), "--threads", "1", "--poll-interval", "0.2"],
                            env={"NANOGPT_API_KEYS": API_KEYS[0]}, log_path=root / "server.log").start()
     yield server, manifest, root / "run"
@@ -81,7 +81,7 @@ def test_after_a_swap_the_previous_checkpoint_is_not_found_and_the_message_names
         assert http.post(CHAT, json={"model": "model_00010.pt", **ask}).status_code == 200
 
         second = make_checkpoint(run_dir / "model_00020.pt", seed=20, step=20)
-        write_manifest(manifest, checkpoint_path=second, deployment_id="deploy-20")
+        write_manifest(manifest, new_manifest(checkpoint_path=second, deployment_id="deploy-20"))
         deadline = time.monotonic() + 60
         while server.health()["checkpoint"] != "model_00020.pt" and time.monotonic() < deadline:
             time.sleep(0.2)

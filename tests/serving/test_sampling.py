@@ -1,14 +1,12 @@
-"""Sampling knobs and the deployment manifest, without a server."""
+"""Sampling knobs, without a server."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
 import torch
 
-from serving.manifest import ManifestError, parse_manifest, read_manifest, write_manifest
 from serving.sampling import SamplingParams, generator_for, sample_token
 
 
@@ -49,28 +47,6 @@ def test_seeded_generators_repeat_and_choices_differ():
     a = torch.rand(4, generator=generator_for(5, 0))
     assert torch.equal(a, torch.rand(4, generator=generator_for(5, 0)))
     assert not torch.equal(a, torch.rand(4, generator=generator_for(5, 1)))
-
-
-def test_manifest_round_trip_and_validation(tmp_path):
-    checkpoint = tmp_path / "run" / "model_00599.pt"
-    path = tmp_path / "deployment" / "current.json"
-    written = write_manifest(path, checkpoint_path=checkpoint, deployment_id="d1",
-                             lineage={"token_shards": "abc"}, scores={"benchmark": "hellaswag", "acc": 0.3})
-    read = read_manifest(path)
-    assert read == written
-    assert read.checkpoint_name == "model_00599.pt" and read.model_id == "nanogpt"
-    assert read.checkpoint_path == str(checkpoint.resolve())
-    assert not list(path.parent.glob("*.tmp"))
-
-    good = json.loads(path.read_text())
-    for change, message in [({"format": "other"}, "format"), ({"format_version": 2}, "format_version"),
-                            ({"checkpoint_path": "relative/model.pt"}, "absolute"),
-                            ({"deployment_id": ""}, "deployment_id"), ({"scores": [1]}, "scores")]:
-        with pytest.raises(ManifestError, match=message):
-            parse_manifest({**good, **change})
-    path.write_text("{half")
-    with pytest.raises(ManifestError, match="not valid JSON"):
-        read_manifest(path)
 
 
 @pytest.mark.parametrize("temperature", [1e-39, 5e-324, 1e-6])
