@@ -74,11 +74,15 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, step: int,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save (full disk, unpicklable value) leaves nothing behind
+        raise
     _fsync_dir(path.parent)
     return path
 
