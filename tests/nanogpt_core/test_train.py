@@ -175,7 +175,8 @@ def test_resuming_on_other_data_is_refused_unless_allowed(uninterrupted_run, tmp
 
     result = run_module("nanogpt_core.train", *TRAIN_ARGS, "--max-steps", str(STEPS + 1), "--data",
                         str(tmp_path / "other"), "--out", str(run), "--resume", "--allow-changed-config")
-    assert "with changes allowed (data version:" in result.stderr and "max_steps: checkpoint 16 vs run 17" in result.stderr
+    assert "with changes allowed (data version:" in result.stderr
+    assert "max_steps: checkpoint 16 vs run 17" in result.stderr
     final = read_checkpoint(list_checkpoints(run)[-1])
     assert final["step"] == STEPS and final["lineage"]["data_version"] == other.data_version
     assert final["lineage"]["resumed_from"].endswith(f"model_{STEPS - 1:05d}.pt")
