@@ -6,12 +6,19 @@ gate in `deployed_model`. docs/ARCHITECTURE.md says why this is a sensor rather 
 declarative automation.
 """
 
+import os
+
 import dagster as dg
 
 from nanogpt_core.data.folder_source import scan_folder
 from nanogpt_core.data.text_sources import TextSourceError
 from pipeline.incoming import FOLDER_HASH_METADATA, RETRAIN_JOB, incoming_folder, retraining_request
 from pipeline.resources import ArtifactStore
+
+# Seconds between the sensor's looks at the folder. Each look reads every byte in it (about
+# 1 GB/s from the page cache), so a folder of many gigabytes wants a longer interval.
+POLL_ENV = "NANOGPT_INCOMING_POLL_S"
+POLL_SECONDS = int(os.environ.get(POLL_ENV, "30"))
 
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB, selection=dg.AssetSelection.assets("raw_fineweb", "dolly_prompts").downstream(),
@@ -27,7 +34,7 @@ def last_read_content_hash(instance: dg.DagsterInstance) -> str | None:
     return str(value.value) if value is not None else None
 
 
-@dg.sensor(job=retrain_job, name="new_incoming_text", minimum_interval_seconds=30,
+@dg.sensor(job=retrain_job, name="new_incoming_text", minimum_interval_seconds=POLL_SECONDS,
            default_status=dg.DefaultSensorStatus.STOPPED,
            description="Retrains when the content of the incoming text folder changes (by content hash, "
                        "not modification time).")

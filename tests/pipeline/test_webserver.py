@@ -6,103 +6,30 @@ results are read back from the instance the server wrote to.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import dagster as dg
 import pytest
-from dagster_graphql import DagsterGraphQLClient
 
-from ..conftest import PROJECT_ROOT, python_env
-from ..nanogpt_core.test_train import is_alive
+from tests.helpers.dagster_dev import run_dagster_dev
+from tests.helpers.processes import is_alive
+
+from ..conftest import PROJECT_ROOT
 from .conftest import ALL_ASSETS, data_version, latest_event
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DagsterServer:
-    def __init__(self, home: Path, artifacts: Path, port: int, process: subprocess.Popen):
-        self.home, self.artifacts, self.port, self.process = home, artifacts, port, process
-        self.client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def instance(self) -> dg.DagsterInstance:
-        return dg.DagsterInstance.from_config(str(self.home))
-
-    def launch(self, assets: list[str], run_config: dict | None = None) -> str:
-        return self.client.submit_job_execution("__ASSET_JOB", asset_selection=assets, run_config=run_config or {})
-
-    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.client.get_run_status(run_id).value
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                return status
-            time.sleep(1)
-        raise TimeoutError(f"run {run_id} still running after {timeout} s")
-
 
 @pytest.fixture(scope="module")
 def dagster_dev(tmp_path_factory):
-    home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    artifacts = tmp_path_factory.mktemp("artifacts")
-    port = free_port()
-    env = {**python_env(), "DAGSTER_HOME": str(home), "NANOGPT_PROFILE": "micro",
-           "NANOGPT_ARTIFACTS": str(artifacts)}
-    log = open(home / "dagster_dev.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-         "-p", str(port)], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    server = DagsterServer(home, artifacts, port, process)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{server.url}/server_info", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("dagster dev did not come up:\n" + (home / "dagster_dev.log").read_text())
-                time.sleep(1)
+    with run_dagster_dev(tmp_path_factory.mktemp("dagster_home"), tmp_path_factory.mktemp("artifacts")) as server:
         yield server
-    finally:
-        stop_process_group(process)
-        log.close()
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def test_a_run_launched_over_graphql_records_which_shards_made_the_checkpoint(dagster_dev, tmp_path):
     run_id = dagster_dev.launch(ALL_ASSETS)
-    assert dagster_dev.wait(run_id) == "SUCCESS", (dagster_dev.home / "dagster_dev.log").read_text()[-5000:]
+    assert dagster_dev.wait(run_id) == "SUCCESS", dagster_dev.log_tail()
     with dagster_dev.instance() as instance:
         shards_version = data_version(instance, "token_shards")
         pretrained = latest_event(instance, "pretrained_checkpoint")
