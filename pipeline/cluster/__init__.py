@@ -1,0 +1,1 @@
+"""Training beyond one machine: the nodes of a multi-node torchrun started by a cluster's scheduler."""
