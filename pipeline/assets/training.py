@@ -20,6 +20,8 @@ import dagster as dg
 from nanogpt_core.checkpoint import CheckpointError, read_checkpoint
 from nanogpt_core.finetune import FinetuneConfig, get_finetune_profile
 from pipeline.assets.data import dolly_prompts, token_shards
+from pipeline.cluster.k8s_launch import run_training_on_kubernetes
+from pipeline.cluster.k8s_spec import cluster_from_env
 from pipeline.config import TorchrunConfig
 from pipeline.loss_curve import loss_curve_markdown, loss_curve_svg, read_metrics
 from pipeline.resources import ArtifactStore
@@ -55,6 +57,10 @@ def launch_training(context: dg.AssetExecutionContext, config: TrainingConfig,
                     client: dg.PipesSubprocessClient, module: str,
                     args: list[str]) -> dg.PipesClientCompletedInvocation:
     deadline = training_deadline(context, config.max_runtime_s)
+    cluster = cluster_from_env() if config.nnodes > 1 else None
+    if cluster is not None:  # nodes 1..N-1 are started by Kubernetes, not by hand (docs/ARCHITECTURE.md)
+        return run_training_on_kubernetes(context, cluster, config, module, args,
+                                          deadline_s=deadline.seconds if deadline else None)
     return run_through_pipes(context, client, torchrun_command(config, module, args, deadline), deadline=deadline)
 
 

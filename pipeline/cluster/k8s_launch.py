@@ -19,12 +19,18 @@ def run_training_on_kubernetes(context: dg.AssetExecutionContext, cluster: Kuber
                                torchrun: TorchrunConfig, module: str, args: list[str], *,
                                deadline_s: float | None = None,
                                pipes_client=None) -> dg.PipesClientCompletedInvocation:
-    """Train on `torchrun.nnodes` pods; `args` are the trainer's flags with paths under the artifacts root."""
+    """Train on `torchrun.nnodes` pods; `args` are the trainer's flags with paths under the artifacts root.
+
+    The objects are named after the module ("train", "finetune") and the run, so the two
+    trainings of one run never share a name.
+    """
     from dagster_k8s import PipesK8sClient
 
-    spec = training_job_spec(cluster, torchrun, module, args, name=training_name(context.run_id,
-                                                                                  context.asset_key.path[-1]),
-                             deadline_s=deadline_s)
+    try:
+        spec = training_job_spec(cluster, torchrun, module, args, deadline_s=deadline_s,
+                                 name=training_name(context.run.run_id, module.rsplit(".", 1)[-1]))
+    except ValueError as e:
+        raise dg.Failure(f"cannot start the training on Kubernetes: {e}") from e
     client = pipes_client or PipesK8sClient()
     core, batch = _kubernetes_apis()
     context.log.info(f"starting {torchrun.nnodes - 1} worker node(s) as Job {spec.name}-w in {spec.namespace}")

@@ -24,9 +24,12 @@ cluster and printed for `kubectl`:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import dagster as dg
@@ -57,6 +60,29 @@ class KubernetesTraining(dg.ConfigurableResource):
     service_account: Optional[str] = Field(None, description="service account for the training pods")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pods must match")
     python: str = Field("python", description="the image's Python")
+
+
+# How a deployment turns the Kubernetes launch on for the training assets: set on the run
+# pods (for example through the Helm chart's run launcher env), read when a training starts.
+CLUSTER_ENV = {"image": "NANOGPT_K8S_IMAGE", "namespace": "NANOGPT_K8S_NAMESPACE",
+               "artifacts_claim": "NANOGPT_K8S_ARTIFACTS_CLAIM", "artifacts_path": "NANOGPT_K8S_ARTIFACTS_PATH",
+               "service_account": "NANOGPT_K8S_SERVICE_ACCOUNT"}
+
+
+def cluster_from_env(environ: Mapping[str, str] = os.environ) -> KubernetesTraining | None:
+    """The cluster settings from NANOGPT_K8S_*; None when NANOGPT_K8S_IMAGE is unset (no cluster).
+
+    The artifacts path defaults to the artifacts root this process uses (NANOGPT_ARTIFACTS),
+    since the trainer's paths are that root's paths.
+    """
+    if not environ.get(CLUSTER_ENV["image"]):
+        return None
+    if not environ.get(CLUSTER_ENV["artifacts_claim"]):
+        raise ValueError(f"{CLUSTER_ENV['image']} is set but {CLUSTER_ENV['artifacts_claim']} is not: the training "
+                         f"pods need the PersistentVolumeClaim that holds the artifacts root")
+    values = {field: environ[var] for field, var in CLUSTER_ENV.items() if environ.get(var)}
+    values.setdefault("artifacts_path", str(Path(environ.get("NANOGPT_ARTIFACTS", "artifacts")).resolve()))
+    return KubernetesTraining(**values)
 
 
 @dataclass(frozen=True)

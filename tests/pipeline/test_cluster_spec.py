@@ -13,6 +13,7 @@ import io
 import random
 from contextlib import redirect_stdout
 
+import dagster as dg
 import kubernetes
 import pytest
 import yaml
@@ -21,8 +22,8 @@ from dagster_k8s.pipes import build_pod_body
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc
 
 from nanogpt_core.pipes_bridge import launched_through_pipes
-from pipeline.cluster.k8s_spec import (NODE_LABEL, TRAINING_LABEL, KubernetesTraining, main, training_job_spec,
-                                       training_name)
+from pipeline.cluster.k8s_spec import (NODE_LABEL, TRAINING_LABEL, KubernetesTraining, cluster_from_env, main,
+                                       training_job_spec, training_name)
 from pipeline.config import TorchrunConfig
 
 SETTINGS = KubernetesTraining(image="registry.example/nanogpt:1.0", namespace="ml", artifacts_claim="artifacts",
@@ -167,3 +168,34 @@ def test_the_command_line_prints_the_three_objects_for_kubectl():
     assert [d["kind"] for d in documents] == ["Service", "Pod", "Job"]
     as_model(kubernetes.client.V1Pod, documents[1])
     assert documents[1]["spec"]["containers"][0]["command"][-2:] == ["--profile", "gpt2-124m"]
+
+
+def test_the_cluster_settings_come_from_the_environment_and_are_off_without_an_image(tmp_path):
+    assert cluster_from_env({}) is None
+    with pytest.raises(ValueError, match="NANOGPT_K8S_ARTIFACTS_CLAIM is not"):
+        cluster_from_env({"NANOGPT_K8S_IMAGE": "img:1"})
+    cluster = cluster_from_env({"NANOGPT_K8S_IMAGE": "img:1", "NANOGPT_K8S_ARTIFACTS_CLAIM": "artifacts",
+                                "NANOGPT_K8S_NAMESPACE": "ml", "NANOGPT_ARTIFACTS": str(tmp_path / "art")})
+    assert (cluster.image, cluster.namespace, cluster.artifacts_claim) == ("img:1", "ml", "artifacts")
+    assert cluster.artifacts_path == str(tmp_path / "art")  # the trainer's paths are the run's paths
+
+
+def test_with_a_cluster_configured_a_multi_node_training_is_sent_to_kubernetes(monkeypatch, tmp_path):
+    """The training assets' launch takes the Kubernetes path; with no cluster reachable here, the
+    Kubernetes client's own complaint about its configuration is what comes back."""
+    from pipeline.assets.training import launch_training
+    from pipeline.torchrun import TrainingConfig
+
+    monkeypatch.setenv("NANOGPT_K8S_IMAGE", "img:1")
+    monkeypatch.setenv("NANOGPT_K8S_ARTIFACTS_CLAIM", "artifacts")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+    @dg.asset
+    def two_node_training(context):  # unannotated: a postponed annotation hides the type from Dagster
+        launch_training(context, TrainingConfig(profile="micro", nnodes=2), None, "nanogpt_core.train", [])
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([two_node_training], instance=instance, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "kube-config" in str(failure.event_specific_data.error), failure.event_specific_data.error
