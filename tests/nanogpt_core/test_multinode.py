@@ -143,6 +143,7 @@ def test_two_nodes_of_one_process_match_one_node_of_two_bit_for_bit(one_node_run
 def test_killing_one_nodes_agent_ends_the_other_within_the_timeout_naming_the_lost_rank(run_with_a_killed_node,
                                                                                      hosts):
     run = run_with_a_killed_node
+    print(f"\nnode 0 stopped {run['survivor_exit_s']:.1f} s after node 1's agent was killed")
     assert run["survivor_rc"] != 0
     assert run["survivor_exit_s"] < run["timeout_s"], f"node 0 took {run['survivor_exit_s']:.1f} s to stop"
     node1_address = hosts.hosts[1].address if hosts.isolated else "127.0.0.1"
@@ -174,6 +175,7 @@ def test_a_hung_node_ends_the_other_after_the_timeout_naming_the_silent_rank(hos
         node0.wait(timeout=timeout_s + 60)
         waited = time.monotonic() - frozen_at
     log = node_log(tmp_path / "logs", 0)
+    print(f"\nnode 0 stopped {waited:.1f} s after node 1 froze (timeout {timeout_s} s)")
     assert node0.returncode != 0
     assert f"rank 0 timed out after {timeout_s} s (process_group_timeout_s) waiting for rank 1" in log, log[-4000:]
     assert timeout_s - 3 <= waited < timeout_s + 45, f"node 0 stopped {waited:.1f} s after node 1 froze"
