@@ -79,7 +79,8 @@ def test_node_0_is_reachable_at_the_rendezvous_endpoint_and_every_worker_by_its_
         assert selector.items() <= labels.items()
     # DNS name <hostname>.<subdomain>: node 0 sets its hostname, an Indexed Job's pods get <job>-<index>.
     assert f"{node0['hostname']}.{node0['subdomain']}" == flags(node0_command(spec))["local-addr"]
-    assert flags(worker_command(spec))["local-addr"] == f"{spec.workers_job['metadata']['name']}-$(JOB_COMPLETION_INDEX).{NAME}"
+    job_name = spec.workers_job["metadata"]["name"]
+    assert flags(worker_command(spec))["local-addr"] == f"{job_name}-$(JOB_COMPLETION_INDEX).{NAME}"
     # Kubernetes expands $(JOB_COMPLETION_INDEX) only because the container declares it.
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
     assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
@@ -92,7 +93,8 @@ def test_the_workers_are_one_indexed_job_for_nodes_1_to_n_minus_1_that_never_ret
     assert job["completions"] == job["parallelism"] == 3
     assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
     assert job["activeDeadlineSeconds"] == spec.node0_spec["activeDeadlineSeconds"] == 86400
-    assert spec.node0_meta["labels"][NODE_LABEL] == "0" and job["template"]["metadata"]["labels"][NODE_LABEL] == "worker"
+    assert spec.node0_meta["labels"][NODE_LABEL] == "0"
+    assert job["template"]["metadata"]["labels"][NODE_LABEL] == "worker"
 
 
 def test_node_0_holds_global_rank_0_by_torchruns_own_ordering_of_nodes():
