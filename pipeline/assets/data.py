@@ -27,16 +27,17 @@ def raw_fineweb(context: dg.AssetExecutionContext, config: RawTextConfig,
     metadata: dict = {"source": source}
     try:
         if source == "folder":
+            # Scanned here rather than inside iter_documents, so the hash recorded is the one read.
             snapshot = scan_folder(config.path or incoming_folder(artifacts))
-            documents = snapshot.documents()
+            if config.limit is not None and config.limit < 0:
+                raise TextSourceError(f"limit must be a number of documents (0 or more), got {config.limit}")
+            documents = itertools.islice(snapshot.documents(), config.limit)
             description = snapshot.describe()
             metadata.update({"folder": dg.MetadataValue.path(str(snapshot.folder)), "files": len(snapshot.files),
                              FOLDER_HASH_METADATA: snapshot.content_hash})
         else:
-            documents = iter_documents(source, path=config.path)
+            documents = iter_documents(source, path=config.path, limit=config.limit)
             description = {"source": source, "path": config.path}
-        if config.limit is not None:
-            documents = itertools.islice(documents, config.limit)
         scratch = artifacts.scratch("raw_fineweb")
         stats = write_raw_parquet(documents, scratch / "documents.parquet",
                                   source={**description, "limit": config.limit})
