@@ -86,9 +86,15 @@ class DagsterServer:
             time.sleep(1)
         raise TimeoutError(f"run {run_id} still running after {timeout} s")
 
-    def start_sensor(self, name: str) -> None:
+    def start_sensor(self, name: str, timeout: float = 60) -> None:
+        """Switch a sensor on as the UI's toggle does; retried while the code location still loads."""
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
-        result = self.client._execute(_START_SENSOR, {"selector": selector})["startSensor"]
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.client._execute(_START_SENSOR, {"selector": selector})["startSensor"]
+            if result["__typename"] == "Sensor" or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert result["__typename"] == "Sensor", result
         self._sensor_ids[name] = (result["jobOriginId"], result["sensorState"]["selectorId"])
 
