@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 import dagster as dg
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from nanogpt_core.config import PROFILES, TrainConfig, get_profile
 
@@ -66,5 +66,40 @@ class EvalConfig(ProfileConfig):
     limit: Optional[int] = Field(None, description="examples to score (default: the profile's)")
 
 
+# The checkpoints the evaluation scores, and of those, the ones a chat deployment may serve by
+# default: only the fine-tuned model has seen the chat template; the pretrained score is kept
+# as the reference it is compared with.
+SCORED_CHECKPOINTS = ("pretrained_checkpoint", "finetuned_checkpoint")
+CHAT_CHECKPOINTS = ("finetuned_checkpoint",)
+
+
 class DeployConfig(dg.Config):
     model_id: str = Field("nanogpt", description="the stable alias clients ask for")
+    max_regression: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="how far (in acc_norm) the candidate may score below the deployed model on the same "
+                    "benchmark before the deployment is refused; 0 allows no regression")
+    eligible: list[str] = Field(default_factory=lambda: list(CHAT_CHECKPOINTS),
+                                description="checkpoints that may win the deployment (default: the fine-tuned "
+                                            "one only, since the chat API needs an instruction-tuned model)")
+    force: bool = Field(False, description="deploy even if the gate refuses; needs a reason, which the "
+                                           "manifest records")
+    rollback_to: Optional[str] = Field(None, description="redeploy this earlier deployment id instead of "
+                                                         "choosing a winner (what the rollback job sets)")
+    reason: Optional[str] = Field(None, description="why: required with force, recorded with a rollback")
+
+    @field_validator("eligible")
+    @classmethod
+    def _scored_checkpoints_only(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in SCORED_CHECKPOINTS]
+        if unknown or not value:
+            raise ValueError(f"eligible must name some of {', '.join(SCORED_CHECKPOINTS)}; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _force_says_why(self) -> "DeployConfig":
+        if self.force and not (self.reason or "").strip():
+            raise ValueError("force: true needs a reason (config field 'reason'); the manifest records it")
+        if self.force and self.rollback_to:
+            raise ValueError("force and rollback_to exclude each other: a rollback skips the gate anyway")
+        return self

@@ -1,12 +1,12 @@
 """The deployed model in Hugging Face format, for transformers, vLLM, llama.cpp's converter and the hub."""
 
 
-import json
 from pathlib import Path
 
 import dagster as dg
 
 from nanogpt_core.checkpoint import CheckpointError
+from nanogpt_core.deployment_manifest import ManifestError, read_manifest
 from nanogpt_core.hf import HFFormatError, export_checkpoint, verify_export
 from pipeline.assets.deployment import DEPLOY_GROUP, deployed_model
 from pipeline.resources import ArtifactStore
@@ -26,11 +26,14 @@ def hf_export(context: dg.AssetExecutionContext, artifacts: ArtifactStore) -> dg
     checkpoint = Path(str(deployment.metadata.get("checkpoint", "")))
     if not checkpoint.is_file():
         raise dg.Failure(f"the deployed checkpoint {checkpoint} no longer exists; re-materialize deployed_model")
-    manifest = json.loads(deployment.path.read_text())
+    try:
+        manifest = read_manifest(deployment.path)
+    except ManifestError as e:
+        raise dg.Failure(f"cannot export the deployment: {e}") from e
     scratch = artifacts.scratch("hf_export")
     try:
-        result = export_checkpoint(checkpoint, scratch, scores=manifest.get("scores"),
-                                   title=f"{manifest.get('model_id', 'nanogpt')} (nanogpt-pipeline GPT-2)")
+        result = export_checkpoint(checkpoint, scratch, scores=manifest.scores,
+                                   title=f"{manifest.model_id} (nanogpt-pipeline GPT-2)")
     except (HFFormatError, CheckpointError) as e:
         raise dg.Failure(f"cannot export {checkpoint}: {e}") from e
     folder = artifacts.promote(scratch, "hf_export", result.content_hash)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from pipeline.definitions import defs
+from pipeline.pipes_messages import training_pipes_client
+from pipeline.resources import ArtifactStore
 
 ALL_ASSETS = ["raw_fineweb", "token_shards", "dolly_prompts", "pretrained_checkpoint", "finetuned_checkpoint",
               "hellaswag_scores", "deployed_model", "hf_export"]
@@ -36,3 +41,41 @@ def data_version(instance: dg.DagsterInstance, asset: str) -> str:
 @pytest.fixture
 def artifacts_root(tmp_path) -> Path:
     return tmp_path / "artifacts"
+
+
+def materialize(selection: str | list[str], instance: dg.DagsterInstance, artifacts_root: Path,
+                **config: dict) -> dg.ExecuteInJobResult:
+    """Materialize in-process on the micro profile with real torchrun; failures are returned, not raised."""
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
+        resources={"artifacts": ArtifactStore(root=str(artifacts_root)),
+                   "pipes_subprocess_client": training_pipes_client()},
+        run_config=micro_run_config(None if selection == "*" else list(selection), **config), raise_on_error=False)
+
+
+def step_failure_text(result: dg.ExecuteInJobResult, step: str) -> str:
+    failures = [e for e in result.all_events if e.is_step_failure and e.step_key == step]
+    assert failures, f"{step} did not fail"
+    return str(failures[0].event_specific_data.error)
+
+
+@dataclass
+class MicroPipeline:
+    """A Dagster instance and artifacts tree on which the whole micro graph has run once."""
+    instance: dg.DagsterInstance
+    home: Path  # the instance's folder: DAGSTER_HOME for a process that should use the same instance
+    artifacts: Path
+
+    def materialize(self, selection: str | list[str], **config: dict) -> dg.ExecuteInJobResult:
+        return materialize(selection, self.instance, self.artifacts, **config)
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory) -> MicroPipeline:
+    """Shared by the deployment tests, which each set up the deployment state they need first."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    with dg.instance_for_test(temp_dir=str(home), set_dagster_home=False) as instance:
+        pipeline = MicroPipeline(instance, home, tmp_path_factory.mktemp("micro") / "artifacts")
+        result = pipeline.materialize("*")
+        assert result.success, [str(e.event_specific_data.error) for e in result.all_events if e.is_step_failure]
+        yield pipeline

@@ -11,23 +11,10 @@ from dagster._core.loader import LoadingContextForTest
 
 from nanogpt_core.checkpoint import read_checkpoint
 from pipeline.definitions import defs
-from pipeline.pipes_messages import training_pipes_client
-from pipeline.resources import ArtifactStore
 
-from .conftest import data_version, latest_event, micro_run_config
+from .conftest import data_version, latest_event, materialize
 
 pytestmark = pytest.mark.slow
-
-
-def materialize(selection: str | list[str], instance, artifacts_root, **config) -> dg.ExecuteInJobResult:
-    job = defs.resolve_implicit_global_asset_job_def()
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
-        resources={"artifacts": ArtifactStore(root=str(artifacts_root)),
-                   "pipes_subprocess_client": training_pipes_client()},
-        run_config=micro_run_config(None if selection == "*" else list(selection), **config), raise_on_error=False)
-    assert job is not None
-    return result
 
 
 def stale_status(instance, asset: str) -> StaleStatus:
