@@ -12,13 +12,15 @@ from pipeline.automation import new_incoming_text, retrain_job, weekly_retrainin
 from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
 from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
+from pipeline.retention import cleanup_artifacts, nightly_cleanup
+from pipeline.rollback import rollback_job
 
 defs = dg.Definitions(
     assets=[raw_fineweb, token_shards, dolly_prompts, pretrained_checkpoint, finetuned_checkpoint,
             hellaswag_scores, deployed_model, hf_export],
     asset_checks=[shards_are_valid, dolly_prompts_are_valid],
-    jobs=[retrain_job],
-    schedules=[weekly_retraining],
+    jobs=[retrain_job, rollback_job, cleanup_artifacts],
+    schedules=[weekly_retraining, nightly_cleanup],
     sensors=[new_incoming_text],
     resources={
         "artifacts": ArtifactStore(),
