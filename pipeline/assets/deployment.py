@@ -128,7 +128,8 @@ def deploy_winner(context: dg.AssetExecutionContext, config: DeployConfig, artif
                "replaced_deployment_id": deployed.deployment_id if deployed else None,
                "replaced_acc_norm": deployed.score_on(benchmark) if deployed else None}
     if config.force:
-        decision = Decision("forced", config.reason, {**details, "gate_problems": problems, "gate_reason": winner.reason})
+        decision = Decision("forced", config.reason,
+                            {**details, "gate_problems": problems, "gate_reason": winner.reason})
     else:
         decision = Decision("gate", winner.reason, details)
     return new_manifest(
