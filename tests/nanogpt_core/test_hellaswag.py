@@ -209,6 +209,40 @@ def test_a_random_model_scores_near_chance(original_examples):
         assert 0.18 <= report[metric] <= 0.32, (metric, report[metric])
 
 
+REFERENCE_SCORES = PROJECT_ROOT / "tests" / "nanogpt_core" / "reference" / "hellaswag_val_1000_scores.json"
+
+
+def reference_model() -> GPT:
+    """A micro GPT whose weights depend only on a seed and the GPT-2 parameter names.
+
+    The weights are drawn in name order rather than taken from the model's initialisation, so
+    a change to how the model initialises or orders its modules leaves them alone. They are
+    larger than a fresh model's, so the four endings' losses differ by far more than rounding.
+    """
+    model = GPT(MICRO).eval()
+    generator = torch.Generator().manual_seed(2024)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=generator)
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_((0.1 if p.dim() >= 2 else 0.02) * noise)
+    return model
+
+
+def test_the_scores_on_the_1000_row_sample_are_the_recorded_ones(original_examples):
+    recorded = json.loads(REFERENCE_SCORES.read_text())
+    encoder = get_tokenizer()
+    rendered = [render_example(ex, encoder, MICRO.block_size) for ex in original_examples]
+    scores = score_rendered(reference_model(), rendered)
+    for metric, pick in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_char_norm", "pred_char_norm")):
+        assert "".join(str(getattr(s, pick)) for s in scores) == recorded["picks"][metric], metric
+    for i, (score, losses) in enumerate(zip(scores, recorded["losses"], strict=True)):
+        # rel 1e-5 is float32 rounding over a few hundred summed terms; abs covers the 4 recorded decimals
+        assert score.losses == pytest.approx(losses, rel=1e-5, abs=1e-4), f"example {i}"
+
+
 # --- the command line --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
