@@ -4,6 +4,8 @@ The module and parameter names follow OpenAI's GPT-2 (`wte`, `wpe`, `h`, `ln_f`,
 `c_proj`, `c_fc`) so that weights map one-to-one onto the Hugging Face `GPT2LMHeadModel`.
 Besides the training forward pass there is a cached forward pass for inference: it keeps
 the keys and values of earlier positions so that each new token costs one position's work.
+The same forward pass also takes explicit positions and an attention mask, for callers that
+pack several sequences into one row (HellaSwag scoring packs a context and its four endings).
 """
 
 from __future__ import annotations
@@ -79,14 +81,17 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         mask, is_causal = None, True
-        if kv_cache is not None:
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
+        elif kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.store(layer, k, v)
             if past > 0:
@@ -123,8 +128,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -166,25 +172,17 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, return_logits: bool = True,
+                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, return_logits: bool = True,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when targets are given.
 
         Targets equal to -1 are ignored by the loss (masked prompt tokens, padding).
         With `return_logits=False` the loss is computed without ever materialising the
         full (B, T, vocab) logits tensor, which is what training wants.
+        `positions` and `attn_mask` are as in `hidden_states`.
         """
-        B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx, kv_cache=kv_cache, positions=positions, attn_mask=attn_mask)
         if targets is not None and not return_logits:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)
@@ -192,6 +190,46 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                      ) -> torch.Tensor:
+        """The final layer norm's output (B, T, n_embd): what the output layer reads.
+
+        By default token t of every row sits at position t (after the positions the cache
+        holds) and attends causally to the tokens before it. A caller that packs several
+        sequences into one row says otherwise with `positions` (B, T), each token's index
+        into the position table, and `attn_mask` (B, 1, T, T), True where a query may attend
+        to a key; every query must be allowed at least one key, or its softmax is NaN. The
+        two go together and do not combine with a cache.
+        """
+        B, T = idx.size()
+        if (positions is None) != (attn_mask is None):
+            raise ValueError("positions and attn_mask must be given together")
+        if positions is None:
+            start = kv_cache.pos if kv_cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        else:
+            if kv_cache is not None:
+                raise ValueError("explicit positions and attn_mask do not combine with a kv_cache")
+            pos = positions
+            if pos.shape != idx.shape:
+                raise ValueError(f"positions must have the shape of idx {tuple(idx.shape)}, got {tuple(pos.shape)}")
+            if pos.numel() and int(pos.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # Given a boolean mask, attention would turn it into an additive one in every layer;
+            # once per forward pass is enough.
+            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                ~attn_mask.to(x.device), float("-inf"))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer, attn_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.transformer.ln_f(x)
 
     def configure_optimizer(self, weight_decay: float, learning_rate: float,
                             device_type: str) -> torch.optim.AdamW:

@@ -430,36 +430,14 @@ def pack_examples(rendered: Sequence[RenderedExample]) -> PackedBatch:
                        n_endings=n_endings)
 
 
-def _masked_attention(attn: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-    # CausalSelfAttention with an arbitrary mask: the model's own forward only knows causal
-    # masks. The tests compare the results against model.forward, so a change to the model's
-    # attention that is not mirrored here fails them.
-    B, T, C = x.size()
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-def _packed_hidden_states(model: GPT, batch: PackedBatch, device: torch.device | str) -> torch.Tensor:
-    t = model.transformer
-    idx, pos, visible = batch.idx.to(device), batch.pos.to(device), batch.attn_mask.to(device)
-    # An additive mask, made once: given a boolean one, attention converts it in every layer.
-    attn_mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
-    x = t.wte(idx) + t.wpe(pos)
-    for block in t.h:
-        x = x + _masked_attention(block.attn, block.ln_1(x), attn_mask)
-        x = x + block.mlp(block.ln_2(x))
-    return t.ln_f(x)
-
-
 @torch.inference_mode()
 def score_packed(model: GPT, rendered: Sequence[RenderedExample], device: str | torch.device = "cpu",
                  ) -> list[ExampleScore]:
     """Score several examples in one forward pass (see "Speed" in the module docstring)."""
     vocab = _vocab_size(model)
     batch = pack_examples(rendered)
-    hidden = _packed_hidden_states(model, batch, device)
+    hidden = model.hidden_states(batch.idx.to(device), positions=batch.pos.to(device),
+                                 attn_mask=batch.attn_mask.to(device))
     h = hidden.reshape(-1, hidden.size(-1))[batch.rows.to(device)]
     weight = model.lm_head.weight[:vocab]
     pair_row, pair_target = batch.pair_row.to(device), batch.pair_target.to(device)

@@ -1,4 +1,4 @@
-"""The GPT-2 model: its size, its initialisation, and its cached inference path."""
+"""The GPT-2 model: its size, its initialisation, its cached inference path and packed rows."""
 
 import math
 
@@ -86,6 +86,49 @@ def test_greedy_generation_with_the_cache_equals_recomputing_the_whole_context()
             logits, _ = model(idx)
             idx = torch.cat([idx, logits[:, -1, :50257].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, idx)
+
+
+def test_two_sequences_packed_into_one_row_see_only_themselves_given_positions_and_a_mask():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    first, second = torch.randint(0, 50257, (1, 7)), torch.randint(0, 50257, (1, 5))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
+    segment = torch.tensor([0] * 7 + [1] * 5)
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        together, _ = model(packed, positions=positions, attn_mask=mask.view(1, 1, 12, 12))
+        alone = torch.cat([model(first)[0], model(second)[0]], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_the_plain_causal_path_asks_attention_for_its_causal_kernel(monkeypatch):
+    import nanogpt_core.model as model_module
+
+    calls = []
+    sdpa = model_module.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    GPT(TINY)(torch.randint(0, 50257, (2, 16)))
+    assert calls == [(None, True)] * TINY.n_layer
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"positions": torch.arange(8).view(1, 8)}, "given together"),
+    ({"positions": torch.arange(4).view(1, 4), "attn_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)},
+     "shape of idx"),
+    ({"positions": torch.full((1, 8), 32), "attn_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool)},
+     "position 32 exceeds block_size 32"),
+    ({"positions": torch.arange(8).view(1, 8), "attn_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool),
+      "kv_cache": KVCache(TINY, batch_size=1)}, "do not combine with a kv_cache"),
+])
+def test_explicit_positions_and_masks_that_cannot_work_are_refused(kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        GPT(TINY)(torch.zeros(1, 8, dtype=torch.long), **kwargs)
 
 
 def test_sequences_longer_than_the_block_size_are_refused():
