@@ -177,7 +177,8 @@ def make_plan(args: argparse.Namespace, device: str, work_dir: Path) -> Plan:
 def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     """Write the tokenizer, the shards and the examples into `folder`; prepared.json last."""
     from nanogpt_core.data.demo_corpus import iter_demo_documents
-    from nanogpt_core.eval.cloze import demo_cloze_data, write_examples
+    from nanogpt_core.eval.cloze import demo_cloze_data
+    from nanogpt_core.eval.examples import DEMO_CLOZE, write_examples
     from nanogpt_core.shards import build_shards
     from nanogpt_core.tokenizer import gpt2_ranks_path
 
@@ -206,7 +207,7 @@ def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     else:
         examples = folder / "examples.jsonl"
         log(f"no HellaSwag file; demo-cloze examples -> {examples}")
-        write_examples(examples, demo_cloze_data().examples)
+        write_examples(examples, demo_cloze_data().examples, DEMO_CLOZE)
         examples_source = "demo-cloze"
     prepared = {"tokenizer": f"{TOKENIZER_DIR}/{RANKS_FILENAME}", "shards": SHARDS_DIR,
                 "shard_tokens": manifest.tokens, "examples": examples.name, "examples_source": examples_source,
@@ -372,7 +373,8 @@ def part_engine(plan: Plan) -> dict[str, Any]:
 
 
 def part_hellaswag(plan: Plan) -> dict[str, Any]:
-    from nanogpt_core.eval.hellaswag import evaluate_model, read_examples_file
+    from nanogpt_core.eval.examples import read_examples_file
+    from nanogpt_core.eval.scoring import evaluate_model
     from nanogpt_core.model import GPT
 
     prepared = read_prepared(Path(plan.data_dir))

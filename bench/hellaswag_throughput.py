@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanogpt_core.eval.hellaswag import (DEFAULT_BATCH_SIZE, EvalData, ExampleScore, read_examples_file,  # noqa: E402
-                                         render_example, score_example_unbatched, score_rendered)
+from nanogpt_core.eval.examples import EvalData, read_examples_file  # noqa: E402
+from nanogpt_core.eval.scoring import (DEFAULT_BATCH_SIZE, ExampleScore, render_example,  # noqa: E402
+                                       score_example_unbatched, score_rendered)
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 from nanogpt_core.tokenizer import get_tokenizer  # noqa: E402
 

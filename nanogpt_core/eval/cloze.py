@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import random
 import re
 import sys
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
 from nanogpt_core.data.demo_corpus import iter_demo_documents
 from nanogpt_core.data.documents import Document
-from nanogpt_core.eval.hellaswag import EvalData, EvalDataError, Example, examples_sha256
-from nanogpt_core.shards import atomic_write_bytes, is_val_document
+from nanogpt_core.eval.examples import DEMO_CLOZE, EvalData, EvalDataError, Example, examples_sha256, write_examples
+from nanogpt_core.shards import is_val_document
+from nanogpt_core.tokenizer import get_tokenizer
 
-BENCHMARK = "demo-cloze"
 HELD_OUT_FRACTION = 0.05  # the demo shards' validation fraction
 CONTEXT_WORDS = 24
 ENDING_WORDS = 8
@@ -60,8 +58,6 @@ def cut_passages(text: str, context_words: int = CONTEXT_WORDS, ending_words: in
     An ending may not cross a blank line (it would join a sentence to the next section's
     heading) nor run past `max_ending_tokens`; where one would, the window moves on a word.
     """
-    from nanogpt_core.tokenizer import get_tokenizer
-
     encoder = get_tokenizer()
     words = list(WORD.finditer(text))
     size = context_words + ending_words
@@ -104,19 +100,9 @@ def build_cloze_examples(documents: Iterable[Document], *, seed: int = SEED) -> 
 def demo_cloze_data() -> EvalData:
     """The demo-cloze set (built once per process: reading the corpus takes a few seconds)."""
     examples = build_cloze_examples(held_out_documents())
-    return EvalData(benchmark=BENCHMARK, examples=examples,
+    return EvalData(benchmark=DEMO_CLOZE, examples=examples,
                     source=f"generated from the demo corpus (held-out {HELD_OUT_FRACTION:g}, "
                            f"python {sys.version_info.major}.{sys.version_info.minor})")
-
-
-def write_examples(path: str | Path, examples: Sequence[Example], benchmark: str = BENCHMARK) -> Path:
-    """JSON lines that read_examples_file reads back under the same benchmark name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"benchmark": benchmark, "id": ex.id, "ctx": ex.ctx, "endings": list(ex.endings),
-                         "label": ex.label}, ensure_ascii=False) for ex in examples]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="JSON-lines file to write")
     args = parser.parse_args(argv)
     data = demo_cloze_data()
-    path = write_examples(args.out, data.examples)
-    print(f"{BENCHMARK}: {len(data.examples)} examples -> {path} (sha256 of examples "
+    path = write_examples(args.out, data.examples, DEMO_CLOZE)
+    print(f"{DEMO_CLOZE}: {len(data.examples)} examples -> {path} (sha256 of examples "
           f"{examples_sha256(data.examples)[:16]})")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_core.eval.hellaswag import read_examples_file
+from nanogpt_core.eval.examples import read_examples_file
 from nanogpt_core.shards import ShardManifest
 from nanogpt_core.tokenizer import RANKS_SHA256
 

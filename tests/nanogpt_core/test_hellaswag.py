@@ -1,4 +1,4 @@
-"""HellaSwag and demo-cloze: loaders, build-nanogpt's scoring, the batched scorer, the command line."""
+"""HellaSwag and demo-cloze: the file format, loaders, build-nanogpt's scoring, the batched scorer, the command line."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import torch
 
 from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.config import get_profile
-from nanogpt_core.eval import cloze, hellaswag
-from nanogpt_core.eval.hellaswag import (EvalDataError, EvalDataUnavailableError, Example, ExampleScore,
-                                         evaluate_checkpoint, evaluate_model, examples_sha256, fetch_hellaswag,
-                                         load_eval_data, load_hf_hellaswag, read_examples_file, render_example,
-                                         score_example_unbatched, score_rendered, summarize)
+from nanogpt_core.eval import cloze
+from nanogpt_core.eval.examples import (DEMO_CLOZE, EvalData, EvalDataError, EvalDataUnavailableError, Example,
+                                        examples_sha256, file_sha256, read_examples_file, write_examples)
+from nanogpt_core.eval.hellaswag import evaluate_checkpoint
+from nanogpt_core.eval.loading import fetch_hellaswag, load_eval_data, load_hf_hellaswag
+from nanogpt_core.eval.scoring import (ExampleScore, evaluate_model, render_example, score_example_unbatched,
+                                       score_rendered, summarize)
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.tokenizer import get_tokenizer
 from tests.conftest import PROJECT_ROOT, python_env, run_module
@@ -57,7 +59,7 @@ def test_the_original_file_loads_with_its_own_indices(shared_data):
     first = data.examples[0]
     assert first.ctx.startswith("Pole vault is a sport") and first.label == 3 and first.id == "20022"
     assert all(len(ex.endings) == 4 and 0 <= ex.label < 4 for ex in data.examples)
-    assert data.file_sha256 == hellaswag.file_sha256(shared_data / ORIGINAL)
+    assert data.file_sha256 == file_sha256(shared_data / ORIGINAL)
 
 
 def test_the_stripped_gzipped_copy_loads_too(shared_data):
@@ -202,7 +204,7 @@ def test_a_context_too_long_for_the_model_keeps_its_end_and_scores_the_same_both
 
 
 def test_a_random_model_scores_near_chance(original_examples):
-    data = hellaswag.EvalData("hellaswag", original_examples[:400], "sample")
+    data = EvalData("hellaswag", original_examples[:400], "sample")
     report = evaluate_model(micro_model(), data, batch_size=32)
     assert report["n"] == 400
     for metric in ("acc", "acc_norm", "acc_char_norm"):
@@ -256,7 +258,7 @@ def test_the_command_line_prints_one_json_object(shared_data, micro_checkpoint):
                       "--limit", "24", "--batch-size", "5", "--json")
     report = json.loads(proc.stdout)
     assert report["benchmark"] == "hellaswag" and report["n"] == 24 and report["checkpoint_step"] == 0
-    assert report["data"] == str(data) and report["data_sha256"] == hellaswag.file_sha256(data)
+    assert report["data"] == str(data) and report["data_sha256"] == file_sha256(data)
     in_process = evaluate_checkpoint(micro_checkpoint, data, limit=24)
     for key in ("acc", "acc_norm", "acc_char_norm", "examples_sha256"):
         assert report[key] == in_process[key]
@@ -320,7 +322,7 @@ def test_the_micro_profile_scores_the_whole_cloze_set_under_its_own_name(tmp_pat
 
 def test_a_file_of_cloze_examples_keeps_its_name_and_is_not_scored_as_hellaswag(tmp_path):
     examples = cloze.demo_cloze_data().examples[:3]
-    path = cloze.write_examples(tmp_path / "cloze.jsonl", examples)
+    path = write_examples(tmp_path / "cloze.jsonl", examples, DEMO_CLOZE)
     loaded = load_eval_data(path)
     assert loaded.benchmark == "demo-cloze" and loaded.examples == examples
     with pytest.raises(EvalDataError, match="holds demo-cloze examples, not hellaswag"):
