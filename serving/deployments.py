@@ -37,6 +37,7 @@ class ServedModel:
     engine: Engine
     context_length: int
     created: int
+    weights: str = "fp32"
     step: int | None = None
     deployment_id: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +50,7 @@ class ServedModel:
 
     def card(self, name: str) -> ModelCard:
         return ModelCard(id=name, created=self.created, checkpoint=self.checkpoint_name,
-                         context_length=self.context_length, deployment_id=self.deployment_id,
+                         context_length=self.context_length, weights=self.weights, deployment_id=self.deployment_id,
                          lineage={"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
                          scores=self.scores, deployed_at=self.deployed_at)
 
@@ -61,7 +62,7 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
     started = time.monotonic()
     model, payload = load_checkpoint(path, map_location=settings.device)
     model.eval()
-    decoder = BatchDecoder(model, settings.max_batch)
+    decoder = BatchDecoder(model, settings.max_batch, weights=settings.weights)
     del model  # the decoder keeps its own copies of the weights it needs
     name = manifest.checkpoint_name if manifest else path.name
     engine = Engine(decoder, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
@@ -78,6 +79,7 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
         checkpoint_path=str(path.resolve()),
         engine=engine,
         context_length=decoder.max_len,
+        weights=decoder.weights,
         created=_timestamp(payload.get("created")) or int(path.stat().st_mtime),
         step=payload.get("step"),
         deployment_id=manifest.deployment_id if manifest else None,

@@ -22,7 +22,11 @@ Measured on a 2-core AMD EPYC with torch 2.13: an MLP matrix (3072 x 768) took 0
 for one row and 0.45 ms for eight through oneDNN's reordered weight, against 0.40 and
 1.13 ms through MKL's `addmm`; the output layer took 5.5-8.5 ms for two to eight rows,
 against 12-18 ms as `W @ x.T` and more through `F.linear`. A single row is sent through
-the output layer twice, as a two-row product, which is faster than the one-row case.
+the output layer twice, as a two-row product, which is faster than the one-row case there.
+
+With `weights="int8"` every linear layer and the output layer hold int8 weights instead
+(`serving.int8`): a quarter of the bytes to read per step. The embeddings stay in fp32,
+since a step reads only one of their rows.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from serving.int8 import Int8Linear
+from serving.settings import WEIGHT_FORMATS
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -47,6 +53,7 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
                  use_onednn: bool, batch_hint: int):
         weight = weight.detach()
+        self.weight_numel, self.weight_itemsize = weight.numel(), weight.element_size()
         self.bias = bias.detach() if bias is not None else None
         self.gelu = gelu
         self.use_onednn = use_onednn
@@ -64,24 +71,36 @@ class _Linear:
         y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else torch.mm(x, self.weight)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
+    @property
+    def nbytes(self) -> int:
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.weight_numel * self.weight_itemsize + bias
+
 
 @dataclass
 class _LayerWeights:
     ln_1_weight: torch.Tensor
     ln_1_bias: torch.Tensor
-    attn: _Linear  # n_embd -> 3 * n_embd (q, k, v)
-    attn_proj: _Linear
+    attn: _Linear | Int8Linear  # n_embd -> 3 * n_embd (q, k, v)
+    attn_proj: _Linear | Int8Linear
     ln_2_weight: torch.Tensor
     ln_2_bias: torch.Tensor
-    fc: _Linear  # n_embd -> 4 * n_embd, GELU fused
-    mlp_proj: _Linear
+    fc: _Linear | Int8Linear  # n_embd -> 4 * n_embd, GELU fused
+    mlp_proj: _Linear | Int8Linear
+
+    def linears(self) -> tuple[_Linear | Int8Linear, ...]:
+        return self.attn, self.attn_proj, self.fc, self.mlp_proj
 
 
 class BatchDecoder:
     """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
 
-    def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None):
+    def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None,
+                 weights: str = "fp32"):
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         config: GPTConfig = model.config
+        self.weights = weights
         self.config = config
         self.max_batch = max_batch
         self.max_len = min(max_len or config.block_size, config.block_size)
@@ -97,11 +116,15 @@ class BatchDecoder:
         self.use_onednn = use_onednn
         hint = max(2, max_batch)
 
-        def linear(layer: torch.nn.Linear, gelu: bool = False) -> _Linear:
-            return _Linear(layer.weight, layer.bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint)
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> _Linear | Int8Linear:
+            if weights == "int8":
+                return Int8Linear(weight, bias, gelu=gelu)
+            return _Linear(weight, bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint)
 
-        self.lm_head = _Linear(model.lm_head.weight[: self.vocab_size], None, use_onednn=use_onednn,
-                               batch_hint=hint)
+        def linear(layer: torch.nn.Linear, gelu: bool = False) -> _Linear | Int8Linear:
+            return make(layer.weight, layer.bias, gelu)
+
+        self.lm_head = make(model.lm_head.weight[: self.vocab_size], None)
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
         self.eps = t.ln_f.eps
         self.layers = [
@@ -120,6 +143,10 @@ class BatchDecoder:
         self.lengths = [0] * (max_batch + 1)  # positions stored per slot
         self.staging_slot = max_batch
         self.n_active = 0
+
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights a decode step reads: every linear layer and the output layer once."""
+        return sum(linear.nbytes for w in self.layers for linear in w.linears()) + self.lm_head.nbytes
 
     # --- slot bookkeeping -------------------------------------------------------------
 
@@ -170,6 +197,15 @@ class BatchDecoder:
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
         """Append `tokens` to a slot's cache; the logits after the last one, shape (vocab,)."""
+        return self._logits(self._append(slot, tokens)[-1:])[0]
+
+    @torch.inference_mode()
+    def score(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """As `prefill`, but the logits after every token, shape (len(tokens), vocab): for evaluation."""
+        return self._logits(self._append(slot, tokens))
+
+    def _append(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Run `tokens` through the layers into a slot's cache; the final hidden states (T, n_embd)."""
         start = self.lengths[slot]
         T = len(tokens)
         if start + T > self.max_len:
@@ -194,7 +230,7 @@ class BatchDecoder:
             x = x + w.attn_proj(y)
             x = x + self._mlp(x, w)
         self.lengths[slot] = start + T
-        return self._logits(x[-1:])[0]
+        return x
 
     @torch.inference_mode()
     def decode(self, tokens: list[int]) -> torch.Tensor:
@@ -237,7 +273,7 @@ class BatchDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.n_embd,), self.ln_f[0], self.ln_f[1], self.eps)
         rows = x.size(0)
-        if rows == 1:
+        if rows == 1 and isinstance(self.lm_head, _Linear):
             # One row would be a matrix-vector product, which the libraries here run at
             # about half the speed of a two-row product; the duplicate row costs nothing.
             x = torch.cat([x, x])

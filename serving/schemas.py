@@ -210,6 +210,7 @@ class ModelCard(BaseModel):
     owned_by: str = "nanogpt-pipeline"
     checkpoint: str
     context_length: int
+    weights: str = "fp32"  # how the engine holds the weights: fp32 as trained, or int8
     deployment_id: str | None = None
     lineage: dict | None = None
     scores: dict | None = None

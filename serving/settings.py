@@ -22,6 +22,8 @@ LOBECHAT_LOCAL_ORIGINS = ("http://localhost:3210", "http://127.0.0.1:3210")
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 MIB = 1024 * 1024
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
+# How the engine holds the linear layers' weights: as trained, or int8 per row (serving.int8).
+WEIGHT_FORMATS = ("fp32", "int8")
 
 
 class SettingsError(ValueError):
@@ -51,6 +53,7 @@ class ServerSettings:
     default_max_tokens: int = 512  # completion limit when a request names none
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     device: str = "cpu"
+    weights: str = "fp32"  # one of WEIGHT_FORMATS
     poll_interval_s: float = 1.0  # how often the manifest is checked for a new deployment
 
     def __post_init__(self) -> None:
@@ -59,6 +62,10 @@ class ServerSettings:
         for name in ("max_batch", "max_queue", "prefill_chunk", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise SettingsError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.weights == "int8" and self.device != "cpu":
+            raise SettingsError(f"int8 weights run on the CPU only; the device is {self.device!r}")
         if self.poll_interval_s <= 0:
             raise SettingsError("poll_interval_s must be positive")
         if self.max_request_bytes < 1:
@@ -208,5 +215,6 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> ServerSe
         default_max_tokens=number("NANOGPT_DEFAULT_MAX_TOKENS", int, 512),
         threads=number("NANOGPT_THREADS", int, None),
         device=env.get("NANOGPT_DEVICE", "cpu"),
+        weights=env.get("NANOGPT_WEIGHTS") or "fp32",
         poll_interval_s=number("NANOGPT_POLL_INTERVAL", float, 1.0),
     )
