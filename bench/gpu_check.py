@@ -66,7 +66,7 @@ for _path in (str(PROJECT_ROOT), str(BENCH_DIR)):
 
 import torch  # noqa: E402
 
-from nanogpt_core.shards import atomic_write_bytes  # noqa: E402
+from nanogpt_core.atomic_file import write_bytes_atomically  # noqa: E402
 from nanogpt_core.tokenizer import CACHE_DIR_ENV, RANKS_FILENAME  # noqa: E402
 
 PREPARED_FILE = "prepared.json"
@@ -188,7 +188,7 @@ def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     (folder / PREPARED_FILE).unlink(missing_ok=True)  # unfinished until rewritten
     log(f"tokenizer -> {folder / TOKENIZER_DIR / RANKS_FILENAME}")
     (folder / TOKENIZER_DIR).mkdir(exist_ok=True)
-    atomic_write_bytes(folder / TOKENIZER_DIR / RANKS_FILENAME, gpt2_ranks_path().read_bytes())
+    write_bytes_atomically(folder / TOKENIZER_DIR / RANKS_FILENAME, gpt2_ranks_path().read_bytes())
 
     log(f"demo corpus x{CORPUS_REPEATS} -> {folder / SHARDS_DIR}")
     texts = (doc.text for _ in range(CORPUS_REPEATS) for doc in iter_demo_documents())
@@ -202,7 +202,7 @@ def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     if hellaswag_file is not None:
         examples = folder / ("examples.jsonl.gz" if hellaswag_file.name.endswith(".gz") else "examples.jsonl")
         log(f"examples {hellaswag_file} -> {examples}")
-        atomic_write_bytes(examples, hellaswag_file.read_bytes())
+        write_bytes_atomically(examples, hellaswag_file.read_bytes())
         examples_source = str(hellaswag_file)
     else:
         examples = folder / "examples.jsonl"
@@ -212,7 +212,7 @@ def prepare(folder: Path, hellaswag_file: Path | None) -> dict[str, Any]:
     prepared = {"tokenizer": f"{TOKENIZER_DIR}/{RANKS_FILENAME}", "shards": SHARDS_DIR,
                 "shard_tokens": manifest.tokens, "examples": examples.name, "examples_source": examples_source,
                 "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
-    atomic_write_bytes(folder / PREPARED_FILE, json.dumps(prepared, indent=2).encode())
+    write_bytes_atomically(folder / PREPARED_FILE, json.dumps(prepared, indent=2).encode())
     return prepared
 
 
@@ -407,10 +407,10 @@ def run_part_here(name: str, plan_path: Path, result_path: Path) -> None:
         result = PART_FUNCTIONS[name](plan)
     except BaseException as exc:
         traceback.print_exc()
-        atomic_write_bytes(result_path, json.dumps({"error": f"{type(exc).__name__}: {exc}",
+        write_bytes_atomically(result_path, json.dumps({"error": f"{type(exc).__name__}: {exc}",
                                                     "traceback": traceback.format_exc()}).encode())
         raise SystemExit(1) from None
-    atomic_write_bytes(result_path, json.dumps(result).encode())
+    write_bytes_atomically(result_path, json.dumps(result).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,9 +561,9 @@ def merge_results(name: str, loaded: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_report(out: Path, report: dict[str, Any]) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes_atomically(out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
     table = markdown(report)
-    atomic_write_bytes(out / REPORT_MD, table.encode())
+    write_bytes_atomically(out / REPORT_MD, table.encode())
     return table
 
 

@@ -47,9 +47,10 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from nanogpt_core.atomic_file import write_bytes_atomically
 from nanogpt_core.losses import IGNORE_INDEX
 from nanogpt_core.prompts import build_prompt, prompt_token_ids, render_history
-from nanogpt_core.shards import atomic_write_bytes, is_val_document
+from nanogpt_core.shards import is_val_document
 from nanogpt_core.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
 SOURCES = ("dolly", "local", "demo")
@@ -329,7 +330,7 @@ def prepare_instructions(rows: Iterable[Any], out_dir: str | Path, *, context_le
     version = hashlib.sha256()
     for name, array in arrays.items():
         payload = _npy_bytes(array)
-        atomic_write_bytes(out_dir / f"{name}.npy", payload)
+        write_bytes_atomically(out_dir / f"{name}.npy", payload)
         version.update(f"{name}:{hashlib.sha256(payload).hexdigest()}\n".encode())
 
     n = {s: len(splits[s]["prompt_lengths"]) for s in SPLITS}
@@ -340,7 +341,7 @@ def prepare_instructions(rows: Iterable[Any], out_dir: str | Path, *, context_le
         context_length=context_length, val_fraction=val_fraction, rows_read=rows_read, examples=n, tokens=total,
         response_tokens={s: total[s] - prompt_total[s] for s in SPLITS},
         skipped=dict(sorted(skipped.items())), categories=dict(sorted(categories.items())))
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2).encode())
+    write_bytes_atomically(out_dir / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2).encode())
     return manifest
 
 

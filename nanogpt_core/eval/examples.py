@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from nanogpt_core.shards import atomic_write_bytes
+from nanogpt_core.atomic_file import write_bytes_atomically
 
 HELLASWAG = "hellaswag"
 DEMO_CLOZE = "demo-cloze"
@@ -137,7 +137,4 @@ def write_examples(path: str | Path, examples: Sequence[Example], benchmark: str
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     lines = [json.dumps({"benchmark": benchmark, "id": ex.id, "ctx": ex.ctx, "endings": list(ex.endings),
                          "label": ex.label}, ensure_ascii=False) for ex in examples]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-    return path
+    return write_bytes_atomically(path, ("\n".join(lines) + "\n").encode())

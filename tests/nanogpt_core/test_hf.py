@@ -11,8 +11,11 @@ import torch
 
 from nanogpt_core.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from nanogpt_core.config import get_profile
-from nanogpt_core.hf import (CHAT_TEMPLATE, HF_INIT_PREFIX, HFFormatError, export_checkpoint,
-                             from_hf_state_dict, import_hf, locate_hf_model, main)
+from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, export_checkpoint, import_hf, verify_export
+from nanogpt_core.hf.cli import main
+from nanogpt_core.hf.importer import locate_hf_model
+from nanogpt_core.hf.tokenizer_files import CHAT_TEMPLATE
+from nanogpt_core.hf.weights import from_hf_state_dict
 from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
 from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
@@ -287,7 +290,6 @@ def test_fine_tuning_starts_from_a_hugging_face_folder(exported, tmp_path):
 def test_verify_export_finds_a_changed_tensor_and_a_missing_file(checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from nanogpt_core.hf import verify_export
 
     folder = tmp_path / "export"
     export_checkpoint(checkpoint, folder)

@@ -126,23 +126,24 @@ def test_the_command_line_builds_from_jsonl_text_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nanogpt_core.shards import main
+    from nanogpt_core.data.prepare import shards_main
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:50]))
     (tmp_path / "in" / "b.txt").write_text("A plain text document.")
     pq.write_table(pa.table({"id": ["x", "y"], "text": TEXTS[50:52]}), tmp_path / "in" / "c.parquet")
-    main(["build", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"])
+    shards_main(["build", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"])
     manifest = ShardManifest.load(tmp_path / "out")
     assert manifest.documents["train"] + manifest.documents["val"] == 53
 
 
 def test_a_jsonl_line_without_text_is_reported_with_its_line_number(tmp_path):
-    from nanogpt_core.shards import iter_texts_from_files
+    from nanogpt_core.data.prepare import iter_texts_from_files
+    from nanogpt_core.data.text_sources import TextSourceError
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(ShardError, match=r"bad.jsonl:2 is not a JSON object with a 'text' field"):
+    with pytest.raises(TextSourceError, match=r"bad.jsonl:2 is not a JSON object with a 'text' field"):
         list(iter_texts_from_files([path]))
 
 

@@ -13,15 +13,16 @@ a hash of the shards' contents, so identical input gives an identical version.
 
     python -m nanogpt_core.shards build INPUT... --out DIR [--val-fraction F]
     python -m nanogpt_core.shards demo --out DIR
+
+This package turns texts into shards and shards into batches; it reads no files of text
+itself. The command line above lives with the text readers, in nanogpt_core/data/prepare.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from nanogpt_core.atomic_file import PendingFile, write_bytes_atomically
+from nanogpt_core.content_hash import file_sha256, version_of_parts
 
 MAGIC = 20240520
 VERSION = 1
@@ -53,7 +57,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     if tokens.dtype != np.uint16:
         raise TypeError(f"tokens must be uint16, got {tokens.dtype}")
     payload = _header(len(tokens)) + tokens.astype("<u2", copy=False).tobytes()
-    atomic_write_bytes(path, payload)
+    write_bytes_atomically(path, payload)
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -86,16 +90,6 @@ def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
         raise ShardError(f"shard {path} is corrupt: token id {int(tokens.max())} is outside the vocabulary "
                          f"of {vocab_size}")
     return tokens
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +135,8 @@ class _ShardFile:
 
     def __init__(self, path: Path, capacity: int):
         self.path, self.capacity, self.tokens = path, capacity, 0
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        self.pending = PendingFile(path)
+        self.file = self.pending.file
         self.file.write(_header(capacity))
 
     def append(self, tokens: np.ndarray) -> None:
@@ -155,17 +149,14 @@ class _ShardFile:
             self.file.seek(0)
             self.file.write(_header(self.tokens))
         self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         # Hashed from the file rather than as it streams, because a short shard's header
         # changes at the end; re-reading a just-written shard comes from the page cache.
-        digest = _sha256_of_file(self.tmp)
-        os.replace(self.tmp, self.path)
+        digest = file_sha256(self.pending.tmp)
+        self.pending.commit()
         return digest
 
     def abandon(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.pending.discard()
 
 
 class _SplitWriter:
@@ -312,11 +303,8 @@ def build_shards(texts: Iterable[str], out_dir: str | Path, *, val_fraction: flo
     if writers["train"].tokens == 0:
         raise ShardError(f"no training text for {out_dir}: the input held {index} document(s), all empty or in val")
     shards = writers["train"].shards + writers["val"].shards
-    version = hashlib.sha256()
-    for shard in shards:
-        version.update(f"{shard['name']}:{shard['sha256']}\n".encode())
     manifest = ShardManifest(
-        data_version=version.hexdigest()[:16],
+        data_version=version_of_parts((shard["name"], shard["sha256"]) for shard in shards),
         shards=shards,
         documents={s: w.documents for s, w in writers.items()},
         tokens={s: w.tokens for s, w in writers.items()},
@@ -324,7 +312,7 @@ def build_shards(texts: Iterable[str], out_dir: str | Path, *, val_fraction: flo
         val_fraction=val_fraction,
         source=source or {},
     )
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest.__dict__, indent=2).encode())
+    write_bytes_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest.__dict__, indent=2).encode())
     return manifest
 
 
@@ -349,17 +337,6 @@ def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    block = bytearray(1 << 20)  # reused, so hashing a 200 MB shard costs 1 MB of memory
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(block):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,70 +425,3 @@ def fitted_batch(tokens: int, batch_size: int, seq_len: int, world_size: int, wh
         raise ShardError(f"{what} holds {tokens} token(s): too few for one token per process "
                          f"({world_size}); give it more documents")
     return 1, length
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def iter_texts_from_files(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Text of every document in plain-text, JSON-lines or parquet files (or folders of them).
-
-    A .txt or .md file is one document; JSON lines and parquet rows are read as the `local`
-    text source reads them (their `text` field, empty ones skipped).
-    """
-    from nanogpt_core.data.text_sources import LOCAL_SUFFIXES, TextSourceError, iter_local_documents
-
-    for path in _expand(paths):
-        if path.suffix in (".txt", ".md"):
-            yield path.read_text(encoding="utf-8")
-        elif path.name.endswith(LOCAL_SUFFIXES):
-            try:
-                yield from (doc.text for doc in iter_local_documents(path))
-            except TextSourceError as e:
-                raise ShardError(str(e)) from e
-        else:
-            raise ShardError(f"cannot read {path}: expected .txt, .md, .jsonl, .json(.gz) or .parquet")
-
-
-def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            yield path
-        else:
-            raise ShardError(f"input {path} does not exist")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanogpt_core.shards", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="tokenize .txt, .jsonl or .parquet files (a `text` field) into shards")
-    build.add_argument("inputs", nargs="+", help="files or folders")
-    demo = sub.add_parser("demo", help="shards of the offline demo corpus (CPython's documentation)")
-    for p in (build, demo):
-        p.add_argument("--out", required=True, help="shard folder to write")
-        p.add_argument("--val-fraction", type=float, default=0.01 if p is build else 0.05)
-        p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            texts = iter_texts_from_files(args.inputs)
-            source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs]}
-        else:
-            from nanogpt_core.data.demo_corpus import iter_demo_documents
-
-            texts = (doc.text for doc in iter_demo_documents())
-            source = {"kind": "demo", "python": sys.version.split()[0]}
-        manifest = build_shards(texts, args.out, val_fraction=args.val_fraction,
-                                shard_tokens=args.shard_tokens, source=source)
-    except ShardError as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps({"out": str(args.out), "data_version": manifest.data_version, "documents": manifest.documents,
-                      "tokens": manifest.tokens, "bytes": manifest.bytes}))
-
-
-if __name__ == "__main__":
-    main()
