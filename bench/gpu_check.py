@@ -418,7 +418,7 @@ def run_part_here(name: str, plan_path: Path, result_path: Path) -> None:
 
 
 def environment(device: str) -> dict[str, Any]:
-    from serve_throughput import cpu_model
+    from machine import cpu_model
 
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanogpt_core.eval.examples import EvalData, read_examples_file  # noqa: E402
 from nanogpt_core.eval.scoring import (DEFAULT_BATCH_SIZE, ExampleScore, render_example,  # noqa: E402
                                        score_example_unbatched, score_rendered)
+from machine import cpu_model  # noqa: E402
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 from nanogpt_core.tokenizer import get_tokenizer  # noqa: E402
 
@@ -53,16 +54,6 @@ SHAPES = {
     "gpt2-124m": Shape(n_layer=12, n_head=12, n_embd=768, block_size=1024, examples=32),
     "demo": Shape(n_layer=4, n_head=4, n_embd=256, block_size=256, examples=128),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_examples(path: str | None) -> EvalData:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from nanogpt_core.checkpoint import save_checkpoint  # noqa: E402
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
-from serve_throughput import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest  # noqa: E402
 
 DEMO_SHAPE = GPTConfig(block_size=256, vocab_size=50304, n_layer=4, n_head=4, n_embd=256)

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import cpu_model  # noqa: E402
 from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, GPTConfig  # noqa: E402
 from nanogpt_core.tokenizer import EOT_TOKEN  # noqa: E402
 from serving.engine import Engine, Generation  # noqa: E402
@@ -51,16 +52,6 @@ ENGINE_B1 = "serving engine, 1 stream"
 INT8_B1 = "serving engine int8, 1 stream"
 FINEWEB_EDU = Path(__file__).resolve().parent.parent.parent / "shared/data/fineweb_edu/fineweb_edu_sample_155.parquet"
 FORCING_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def instruction_set() -> str:

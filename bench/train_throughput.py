@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_model  # noqa: E402
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 
 VOCAB_SIZE = 50304
@@ -104,17 +104,6 @@ def baseline_optimizer(model: nn.Module) -> torch.optim.AdamW:
 
 
 # --- measurement ----------------------------------------------------------------------
-
-def cpu_model() -> str:
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or "unknown"
-    return f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family')}, model {fields.get('model')})"
-
 
 def matmul_peak_gflops(sizes=(2048, 3072, 4096), repeats: int = 4) -> float:
     """Best fp32 GFLOP/s of large square matmuls: what this CPU can do at best."""

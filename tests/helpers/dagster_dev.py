@@ -6,10 +6,7 @@ Runs, sensors and their results are read back from the instance the server write
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +18,8 @@ import dagster as dg
 from dagster_graphql import DagsterGraphQLClient
 
 from tests.conftest import PROJECT_ROOT, python_env
+from tests.helpers.ports import free_port
+from tests.helpers.processes import stop_process_group
 
 RUN_TIMEOUT = 600
 LOCATION = "pipeline.definitions"  # the code location workspace.yaml names
@@ -47,12 +46,6 @@ mutation($origin: String, $selector: String) {
     ... on UnauthorizedError { message }
   }
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DagsterServer:
@@ -131,16 +124,3 @@ def run_dagster_dev(home: Path, artifacts: Path, env: dict[str, str] | None = No
     finally:
         stop_process_group(process)
         log.close()
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue

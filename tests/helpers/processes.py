@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -41,3 +42,17 @@ def signal_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
         except ProcessLookupError:
             pass
     return tree
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """End a process started with `start_new_session=True` and everything in its group: politely, then not."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

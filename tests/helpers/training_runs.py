@@ -1,15 +1,19 @@
-"""Reading a training run's folder: its metrics log and its checkpoints, compared bit for bit."""
+"""Training runs in tests: killing one part-way, and reading its metrics log and its checkpoints."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from nanogpt_core.checkpoint import list_checkpoints, read_checkpoint
+from tests.conftest import PROJECT_ROOT, python_env
+from tests.helpers.processes import signal_tree
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -32,6 +36,20 @@ def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeo
             assert proc.poll() is None, f"{proc.args} ended ({proc.returncode}) before step {step}"
         time.sleep(0.02)
     raise AssertionError(f"no step {step} in {metrics} within {timeout} s")
+
+
+def kill_run_at_step(module: str, args: list[str], run_dir: Path, step: int, nproc: int = 2) -> None:
+    """Run `module` under a real torchrun and SIGKILL torchrun and every rank at once, as a crash
+    would, as soon as the run's metrics log records `step`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]
+    proc = subprocess.Popen(command, env=python_env(), cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, step, [proc])
+    finally:
+        signal_tree(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def assert_same_final_weights(run_dir: Path, reference_dir: Path) -> None:

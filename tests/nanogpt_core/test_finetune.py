@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +14,8 @@ from nanogpt_core.data.instructions import InstructionManifest
 from nanogpt_core.finetune import finetune, get_finetune_profile
 from nanogpt_core.model import GPT
 
-from ..conftest import PROJECT_ROOT, python_env, run_module
-from .test_train import losses, process_tree, read_metrics
+from ..conftest import run_module
+from ..helpers.training_runs import kill_run_at_step, losses, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -85,22 +80,7 @@ def test_the_checkpoint_names_its_parent_and_both_data_versions(uninterrupted_ru
 
 def test_a_fine_tuning_run_killed_with_sigkill_resumes_bit_for_bit(uninterrupted_run, pretrained, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "nanogpt_core.finetune", *finetune_command(pretrained, out)]
-    proc = subprocess.Popen(command, env=python_env(), cwd=PROJECT_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and any(json.loads(line)["step"] >= 6 for line in metrics.read_text().splitlines()):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.02)
-        for pid in process_tree(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_run_at_step("nanogpt_core.finetune", finetune_command(pretrained, out), out, step=6)
     assert not (out / f"model_{STEPS - 1:05d}.pt").exists(), "killed part-way, not at the end"
     assert list_checkpoints(out), "at least one checkpoint was written before the kill"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from nanogpt_core.checkpoint import list_checkpoints, read_checkpoint
 
 from ..conftest import PROJECT_ROOT, python_env, run_module
 from ..helpers.hosts import Host, SimulatedHosts, two_hosts
+from ..helpers.ports import free_port
 from ..helpers.processes import is_alive, process_tree, signal_tree
 from ..helpers.training_runs import assert_same_final_weights, losses, wait_for_step
 
@@ -42,12 +42,6 @@ def hosts() -> Iterator[SimulatedHosts]:
         if not sim.isolated:
             warnings.warn(sim.note, stacklevel=1)
         yield sim
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_command(sim: SimulatedHosts, host: Host, port: int, train_args: list[str]) -> list[str]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from nanogpt_core.checkpoint import list_checkpoints, read_checkpoint
 
 from ..conftest import PROJECT_ROOT, python_env, run_module
 from ..helpers.processes import is_alive, process_tree
-from ..helpers.training_runs import losses, read_metrics
+from ..helpers.training_runs import kill_run_at_step, losses, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -66,22 +64,7 @@ def test_a_checkpoint_carries_its_lineage(uninterrupted_run, demo_shards):
 
 def test_a_run_killed_with_sigkill_resumes_bit_for_bit(uninterrupted_run, demo_shards, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "nanogpt_core.train", *TRAIN_ARGS, "--data", str(demo_shards), "--out", str(out)]
-    proc = subprocess.Popen(command, env=python_env(), cwd=PROJECT_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and any(json.loads(line)["step"] >= 9 for line in metrics.read_text().splitlines()):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.02)
-        for pid in process_tree(proc.pid):  # torchrun and both ranks at once, as a crash would
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_run_at_step("nanogpt_core.train", [*TRAIN_ARGS, "--data", str(demo_shards), "--out", str(out)], out, step=9)
     assert not (out / f"model_{STEPS - 1:05d}.pt").exists(), "killed part-way, not at the end"
     assert list_checkpoints(out), "at least one checkpoint was written before the kill"
 
@@ -91,7 +74,8 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(uninterrupted_run, demo_s
     assert resumed_losses == reference_losses, (resumed_losses[-4:], reference_losses[-4:])  # exactly
     resumed = read_checkpoint(list_checkpoints(out)[-1])
     reference = read_checkpoint(list_checkpoints(uninterrupted_run)[-1])
-    assert str(resumed["lineage"].get("resumed_from")).endswith(".pt"), (resumed["lineage"], [p.name for p in list_checkpoints(out)])
+    assert str(resumed["lineage"].get("resumed_from")).endswith(".pt"), \
+        (resumed["lineage"], [p.name for p in list_checkpoints(out)])
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
     for key, state in reference["optimizer"]["state"].items():

@@ -30,7 +30,9 @@ import pytest
 import yaml
 
 from nanogpt_core.checkpoint import read_checkpoint
-from tests.helpers.dagster_dev import DagsterServer, free_port, stop_process_group
+from tests.helpers.dagster_dev import DagsterServer
+from tests.helpers.ports import free_port
+from tests.helpers.processes import stop_process_group
 
 from ..conftest import PROJECT_ROOT, python_env
 from .conftest import ALL_ASSETS, latest_event

@@ -8,7 +8,6 @@ context), with two API keys configured.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest
+from tests.helpers.ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 API_KEYS = ("sk-test-first", "sk-test-second")
@@ -32,12 +32,6 @@ def make_checkpoint(path: Path, *, seed: int, step: int) -> Path:
     torch.manual_seed(seed)
     lineage = {"git_commit": "0" * 40, "code_version": "test", "data_versions": {"token_shards": f"v{seed}"}}
     return save_checkpoint(path, GPT(SMALL_MODEL), step=step, lineage=lineage, metrics={"val_loss": 10.8})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -30,7 +30,8 @@ from nanogpt_core.model import GPT, GPTConfig
 from serving.drain import SHUTTING_DOWN_CODE
 from serving.gunicorn_worker import WORKER_PID_HEADER
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest
-from tests.serving.conftest import API_KEYS, PROJECT_ROOT, ServerProcess, free_port, make_checkpoint
+from tests.helpers.ports import free_port
+from tests.serving.conftest import API_KEYS, ServerProcess, make_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
                                                    reason="reads a process's children from Linux /proc")]
