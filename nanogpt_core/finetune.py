@@ -44,7 +44,7 @@ from nanogpt_core.distributed import (DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistConte
 from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, import_hf
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
-from nanogpt_core.pipes_bridge import run_training_entrypoint
+from nanogpt_core.run_command import run_training_entrypoint
 from nanogpt_core.schedule import cosine_lr
 from nanogpt_core.train import (LoopPlan, TrainingObserver, TrainResult, add_resume_arguments, configure_backend,
                                 run_training)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from nanogpt_core.checkpoint import read_checkpoint
+from nanogpt_core.content_hash import tensors_version
 
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"
 
@@ -59,50 +61,9 @@ def report_checkpoint(pipes: Any, *, checkpoint: Path, data_version: str, metada
     )
 
 
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
-def run_training_entrypoint(run: Callable[[Any | None], Any], user_errors: tuple[type[BaseException], ...],
-                            stage: str) -> None:
-    """The shared body of the `train` and `finetune` commands.
-
-    `run(observer)` trains and returns a TrainResult. Errors in the user's inputs end a
-    standalone run with one line; under torchrun they propagate so that
-    `torch.distributed.elastic.multiprocessing.errors.record` hands the exception text to
-    the launcher (and through it to Dagster). Under Pipes, rank 0 reports the final
-    checkpoint with the hash of its weights as the data version.
-    """
-    with pipes_session() as pipes:
-        try:
-            result = run(PipesObserver(pipes) if pipes is not None else None)
-        except user_errors as e:
-            if under_torchrun() or pipes is not None:
-                raise
-            sys.exit(f"error: {e}")
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
-        print(f"checkpoints: {result.out_dir}")
-        print(f"final checkpoint: {result.final_checkpoint}")
-        print(f"metrics: {result.metrics_path}")
-        if result.final_val_loss is not None:
-            print(f"val loss: {result.initial_val_loss} -> {result.final_val_loss}")
-        if pipes is not None:
-            report_checkpoint(pipes, checkpoint=Path(result.final_checkpoint),
-                              data_version=checkpoint_weights_version(result.final_checkpoint),
-                              metadata=result_metadata(result, stage))
-
-
 def checkpoint_weights_version(path: str | Path) -> str:
-    """A hash of a checkpoint's weights alone: identical training gives an identical version."""
-    import hashlib
-
-    from nanogpt_core.checkpoint import read_checkpoint
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(read_checkpoint(path)["model"].items()):
-        digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """A hash of a checkpoint's weights alone, in name order: identical training gives an identical version."""
+    return tensors_version(dict(sorted(read_checkpoint(path)["model"].items())))
 
 
 def result_metadata(result: Any, stage: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ra
 from nanogpt_core.hardware import peak_flops
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
-from nanogpt_core.pipes_bridge import run_training_entrypoint
+from nanogpt_core.run_command import run_training_entrypoint
 from nanogpt_core.rng import capture_rng_state, restore_rng_state
 from nanogpt_core.schedule import cosine_lr
 from nanogpt_core.shards import ShardError, ShardLoader
