@@ -1,14 +1,23 @@
-"""An offline English corpus that ships with every CPython, so the demo needs no dataset hub.
+"""An offline English corpus that needs no dataset hub: documentation already on the machine.
 
-It is Python's own documentation: the reference texts behind ``help("topic")`` and the
-docstrings of the standard library's public modules, about 1.9 M characters on Python 3.11.
-The output depends only on the interpreter's version and build, never on the process
-(hash seed, import order, what a test runner has patched), so its data version is stable.
+Its parts, in this order (docs/DATA_PROCESSING.md lists their licences):
+
+    pydoc-topic/NAME     the reference texts behind ``help("topic")``
+    stdlib/MODULE        docstrings of the standard library's public modules
+    python-guide/NAME    CPython's prose documents shipped in the standard library
+                         (IDLE's manual, the email package's design notes; see python_guides)
+    package/MODULE       docstrings of permissively licensed packages this project installs
+    package-readme/DIST  those packages' own descriptions (see package_docs)
+
+The frozen held-out documents (nanogpt_core.data.held_out) are never yielded, so whatever
+the corpus grows to, no demo model trains on the text it is measured on. The output depends
+only on the interpreter and the installed package versions, never on the process (hash seed,
+import order, what a test runner has patched), so its content hash is stable; the versions
+are recorded by `describe_demo_corpus`.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
 import inspect
@@ -19,8 +28,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from nanogpt_core.data.docstrings import Section, join_sections, package_modules, source_sections
 from nanogpt_core.data.documents import Document
+from nanogpt_core.data.held_out import held_out_ids
+from nanogpt_core.data.package_docs import describe_package_docs, iter_package_documents
+from nanogpt_core.data.python_guides import iter_python_guides
 
 # Easter eggs, GUI toolkits and their demos, bundled installers, generated codec tables, and
 # a source already read as topics. Importing readline takes over the terminal's line editing.
@@ -38,17 +52,21 @@ SKIPPED_MODULES = frozenset(
         "turtledemo",
     }
 )
-TEST_PACKAGES = frozenset({"test", "tests", "idle_test"})
-# Shorter docstrings are labels ("group id", "**DEPRECATED**", "Stub."), not sentences.
-MIN_DOC_CHARS = 20
-
-Section = tuple[str, str | None]  # (heading, docstring)
 
 
 def iter_demo_documents() -> Iterator[Document]:
-    """Yield pydoc's topics, then one document per standard-library module, in a fixed order."""
-    yield from _topic_documents()
-    yield from _stdlib_documents()
+    """Every part of the corpus in a fixed order, the frozen held-out documents left out."""
+    excluded = held_out_ids()
+    for part in (_topic_documents(), _stdlib_documents(), iter_python_guides(), iter_package_documents()):
+        for doc in part:
+            if doc.id not in excluded:
+                yield doc
+
+
+def describe_demo_corpus() -> dict[str, Any]:
+    """What the corpus is made of on this machine, for the record kept beside its output."""
+    return {"python": sys.version.split()[0], "packages": describe_package_docs(),
+            "held_out_excluded": len(held_out_ids())}
 
 
 def _topic_documents() -> Iterator[Document]:
@@ -63,58 +81,18 @@ def _stdlib_documents() -> Iterator[Document]:
     for top_level in sorted(sys.stdlib_module_names):
         if top_level.startswith("_") or top_level in SKIPPED_MODULES:
             continue
-        sources = _source_files(stdlib, top_level)
+        sources = package_modules(stdlib, top_level)
         if sources:
             # Reading the source instead of importing it runs none of the module's code.
-            documented = [(name, _source_sections(name, path)) for name, path in sources]
+            documented = [(name, source_sections(name, path)) for name, path in sources]
         else:
             # Written in C: there is no source to read, so import the module and introspect it.
             module = _import_quietly(top_level)
             documented = [(top_level, _compiled_sections(module))] if module else []
         for name, sections in documented:
-            text = _join(sections)
+            text = join_sections(sections)
             if text:
                 yield Document(id=f"stdlib/{name}", text=text)
-
-
-def _source_files(stdlib: Path, top_level: str) -> list[tuple[str, Path]]:
-    single = stdlib / f"{top_level}.py"
-    if single.is_file():
-        return [(top_level, single)]
-    package = stdlib / top_level
-    if not (package / "__init__.py").is_file():
-        return []
-    found = []
-    for path in package.rglob("*.py"):
-        parts = list(path.relative_to(stdlib).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        if any(part.startswith("_") or part in TEST_PACKAGES for part in parts):
-            continue
-        found.append((".".join(parts), path))
-    return sorted(found)
-
-
-def _source_sections(module_name: str, path: Path) -> list[Section]:
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (SyntaxError, ValueError):
-        return []
-    return [(module_name, ast.get_docstring(tree, clean=False))] + list(
-        _definition_sections(module_name, tree.body)
-    )
-
-
-def _definition_sections(prefix: str, body: list[ast.stmt]) -> Iterator[Section]:
-    for node in body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        if node.name.startswith("_"):
-            continue
-        qualified = f"{prefix}.{node.name}"
-        yield qualified, ast.get_docstring(node, clean=False)
-        if isinstance(node, ast.ClassDef):
-            yield from _definition_sections(qualified, node.body)
 
 
 def _import_quietly(name: str) -> ModuleType | None:
@@ -157,14 +135,3 @@ def _compiled_sections(module: ModuleType) -> list[Section]:
                 if inspect.isroutine(member) or inspect.isdatadescriptor(member):
                     sections.append((f"{qualified}.{attr}", member.__doc__))
     return sections
-
-
-def _join(sections: list[Section]) -> str:
-    parts = []
-    for heading, doc in sections:
-        if not isinstance(doc, str):
-            continue
-        doc = inspect.cleandoc(doc)
-        if len(doc) >= MIN_DOC_CHARS:
-            parts.append(f"{heading}\n\n{doc}")
-    return "\n\n".join(parts)

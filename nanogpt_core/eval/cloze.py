@@ -7,9 +7,9 @@ instead. It has HellaSwag's shape, so the same scorer runs on it unchanged, and 
 reported as "demo-cloze": its numbers are not HellaSwag numbers and must never be compared
 with them.
 
-The documents are the ones the demo shards hold out for validation (every document for which
-`is_val_document(index, 0.05)` holds, in corpus order), so no checkpoint trained on the
-demo shards has seen them. Each document's text is cut into non-overlapping passages of
+The documents are the demo's frozen held-out set (nanogpt_core.data.held_out: the 25
+documents the demo shards held out for validation when it was frozen), which the demo
+corpus never yields, so no checkpoint trained on the demo shards has seen them. Each document's text is cut into non-overlapping passages of
 CONTEXT_WORDS + ENDING_WORDS words. A passage's first CONTEXT_WORDS words are the context;
 the true ending is the passage's next ENDING_WORDS words, and the three others are the
 endings of passages from other held-out documents, so they read as natural text but do not
@@ -18,8 +18,7 @@ crosses a blank line or runs past MAX_ENDING_TOKENS tokens, so even the micro pr
 64-position model has room for most of the context. A
 fixed seed chooses the distractors, the true ending's slot and the order of the examples
 (shuffled, so that any prefix, as taken by --limit, is a fair sample of the whole); the set
-depends only on the corpus, which depends only on the Python version, and every report
-carries its hash.
+depends only on that frozen file, and every report carries its hash.
 """
 
 from __future__ import annotations
@@ -28,16 +27,13 @@ import argparse
 import functools
 import random
 import re
-import sys
 from collections.abc import Iterable
 
-from nanogpt_core.data.demo_corpus import iter_demo_documents
 from nanogpt_core.data.documents import Document
+from nanogpt_core.data.held_out import held_out_documents as frozen_held_out_documents
 from nanogpt_core.eval.examples import DEMO_CLOZE, EvalData, EvalDataError, Example, examples_sha256, write_examples
-from nanogpt_core.shards import is_val_document
 from nanogpt_core.tokenizer import get_tokenizer
 
-HELD_OUT_FRACTION = 0.05  # the demo shards' validation fraction
 CONTEXT_WORDS = 24
 ENDING_WORDS = 8
 # Leaves the context at least 40 of the micro profile's 64 positions.
@@ -47,8 +43,8 @@ SEED = 1234
 WORD = re.compile(r"\S+")
 
 
-def held_out_documents(val_fraction: float = HELD_OUT_FRACTION) -> list[Document]:
-    return [doc for i, doc in enumerate(iter_demo_documents()) if is_val_document(i, val_fraction)]
+def held_out_documents() -> list[Document]:
+    return list(frozen_held_out_documents())
 
 
 def cut_passages(text: str, context_words: int = CONTEXT_WORDS, ending_words: int = ENDING_WORDS,
@@ -98,11 +94,10 @@ def build_cloze_examples(documents: Iterable[Document], *, seed: int = SEED) -> 
 
 @functools.lru_cache(maxsize=1)
 def demo_cloze_data() -> EvalData:
-    """The demo-cloze set (built once per process: reading the corpus takes a few seconds)."""
+    """The demo-cloze set (built once per process)."""
     examples = build_cloze_examples(held_out_documents())
     return EvalData(benchmark=DEMO_CLOZE, examples=examples,
-                    source=f"generated from the demo corpus (held-out {HELD_OUT_FRACTION:g}, "
-                           f"python {sys.version_info.major}.{sys.version_info.minor})")
+                    source="generated from the demo's frozen held-out documents")
 
 
 def main(argv: list[str] | None = None) -> None:
