@@ -8,7 +8,6 @@ at worst a `.tmp` file, never a broken `model_*.pt`. See docs/CHECKPOINT.md for 
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nanogpt_core.atomic_file import replacing
 from nanogpt_core.model import GPT, GPTConfig
 
 FORMAT = "nanogpt-pipeline/checkpoint"
@@ -73,30 +73,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, step: int,
         "metrics": metrics or {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save (full disk, unpicklable value) leaves nothing behind
-        raise
-    _fsync_dir(path.parent)
+    # A failed save (full disk, unpicklable value) leaves nothing behind.
+    with replacing(path) as f:
+        torch.save(payload, f)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

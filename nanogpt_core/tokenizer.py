@@ -26,6 +26,9 @@ from pathlib import Path
 
 import tiktoken
 
+from nanogpt_core.atomic_file import write_bytes_atomically
+from nanogpt_core.content_hash import file_sha256
+
 EOT_TOKEN = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -117,7 +120,7 @@ def _provision_locked(path: Path) -> Path:
         if digest != RANKS_SHA256:
             tried.append(f"{source}: got sha256 {digest}, expected {RANKS_SHA256}; discarded")
             continue
-        _write_atomically(path, data)
+        write_bytes_atomically(path, data)  # readers see no file or the whole verified one
         return path
 
     raise TokenizerUnavailableError(
@@ -202,22 +205,6 @@ def _serialize_ranks(encoding: tiktoken.Encoding) -> bytes:
     return b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in ranked)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # Readers see either no file or the whole verified one, never a partial write.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
 @contextlib.contextmanager
 def _exclusive_lock(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a") as handle:
@@ -230,7 +217,7 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def _sha256_of(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except FileNotFoundError:
         return None
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -31,9 +30,11 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nanogpt_core.atomic_file import write_text_atomically
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, config_differences, latest_checkpoint,
                                      load_model_weights, prune_checkpoints, save_checkpoint)
 from nanogpt_core.config import EXECUTION_FIELDS, TrainConfig, add_config_arguments, config_from_args
+from nanogpt_core.content_hash import tensors_version
 from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, peer_failures_named,
                                       setup_distributed, teardown_distributed)
 from nanogpt_core.hardware import peak_flops
@@ -105,10 +106,7 @@ def evaluate_val_loss(model: torch.nn.Module, loader: BatchSource, steps: int, c
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes: equal on all ranks exactly when DDP kept them in sync."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensors_version(model.state_dict())
 
 
 class MetricsLog:
@@ -122,9 +120,7 @@ class MetricsLog:
         elif path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= keep_through_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the model", ("model", "prompts")),
     ("formats", ("checkpoint", "config", "deployment_manifest", "shards", "shards.*")),
     ("data sources", ("data", "data.*")),
-    ("uses of a trained model", ("eval", "eval.*", "hf", "hf.*", "sample")),
+    ("uses of a trained model", ("eval", "eval.*", "hf", "hf.*", "sample", "reply_quality")),
     ("training runs", ("train", "finetune", "pipes_bridge", "run_command")),
 )
 

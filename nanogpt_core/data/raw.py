@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanogpt_core.atomic_file import PendingFile, write_text_atomically
 from nanogpt_core.data.documents import Document
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string())])
@@ -84,11 +84,11 @@ def write_raw_parquet(documents: Iterable[Document], path: str | Path, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     stats_file = stats_path(path)
     stats_file.unlink(missing_ok=True)  # the pair is unfinished until the stats are rewritten
-    tmp = path.with_name(path.name + ".tmp")
+    pending = PendingFile(path)
     digest = _ContentHash()
     n_documents = n_characters = n_bytes = 0
     try:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(pending.file, SCHEMA, compression="zstd") as writer:
             ids: list[str] = []
             texts: list[str] = []
             urls: list[str | None] = []
@@ -108,15 +108,13 @@ def write_raw_parquet(documents: Iterable[Document], path: str | Path, *,
                     ids, texts, urls, group_characters = [], [], [], 0
             if ids:
                 writer.write_table(pa.table([ids, texts, urls], schema=SCHEMA))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        pending.discard()
         raise
+    pending.commit()
     stats = RawStats(documents=n_documents, characters=n_characters, bytes=n_bytes,
                      file_bytes=path.stat().st_size, content_hash=digest.hexdigest(), source=source or {})
-    _write_text_atomically(stats_file, json.dumps(stats.to_dict(), indent=2) + "\n")
+    write_text_atomically(stats_file, json.dumps(stats.to_dict(), indent=2) + "\n")
     return stats
 
 
@@ -168,11 +166,3 @@ def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
                            f"(it has: {', '.join(parquet.schema_arrow.names)})")
     yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
 
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

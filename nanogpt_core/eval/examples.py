@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nanogpt_core.atomic_file import write_bytes_atomically
+from nanogpt_core.content_hash import file_sha256
 
 HELLASWAG = "hellaswag"
 DEMO_CLOZE = "demo-cloze"
@@ -113,14 +114,6 @@ def _open_binary(path: Path) -> Iterator[BinaryIO]:
     opener = gzip.open if gzipped else open
     with opener(path, "rb") as f:
         yield f
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def examples_sha256(examples: Sequence[Example]) -> str:

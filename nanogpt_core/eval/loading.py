@@ -12,11 +12,11 @@ What `load_eval_data(data, benchmark)` reads, by `data`:
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from nanogpt_core.atomic_file import replacing
 
 from nanogpt_core.eval.cloze import demo_cloze_data
 from nanogpt_core.eval.examples import (BENCHMARKS, DEMO_CLOZE, HELLASWAG, EvalData, EvalDataError,
@@ -41,27 +41,14 @@ def fetch_hellaswag(url: str = HELLASWAG_URL, directory: str | Path | None = Non
         return path
     hint = f"pass --data FILE with a local copy of {HELLASWAG_FILENAME}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise EvalDataUnavailableError(f"cannot write the HellaSwag cache {path.parent} ({e}); {hint}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+        # A broken download must never take the cache file's name, so it is read before the rename.
+        with replacing(path, check=read_examples_file) as out:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 shutil.copyfileobj(response, out)
-            out.flush()
-            os.fsync(out.fileno())
-        read_examples_file(tmp)  # a broken download must never take the cache file's name
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except (OSError, http.client.HTTPException, EvalDataError) as e:  # URLError and timeouts are OSErrors
-        tmp.unlink(missing_ok=True)
         reason = " ".join(str(getattr(e, "reason", e)).split()) or type(e).__name__
-        raise EvalDataUnavailableError(f"cannot download HellaSwag from {url} ({reason}); {hint}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise EvalDataUnavailableError(f"cannot download HellaSwag from {url} into {path.parent} ({reason}); "
+                                       f"{hint}") from None
     return path
 
 

@@ -14,8 +14,9 @@ import torch
 from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.config import get_profile
 from nanogpt_core.eval import cloze
+from nanogpt_core.content_hash import file_sha256
 from nanogpt_core.eval.examples import (DEMO_CLOZE, EvalData, EvalDataError, EvalDataUnavailableError, Example,
-                                        examples_sha256, file_sha256, read_examples_file, write_examples)
+                                        examples_sha256, read_examples_file, write_examples)
 from nanogpt_core.eval.hellaswag import evaluate_checkpoint
 from nanogpt_core.eval.loading import fetch_hellaswag, load_eval_data, load_hf_hellaswag
 from nanogpt_core.eval.scoring import (ExampleScore, evaluate_model, render_example, score_example_unbatched,
