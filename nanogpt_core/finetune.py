@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -39,15 +38,14 @@ from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_ch
 from nanogpt_core.config import EXECUTION_FIELDS
 from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
-from nanogpt_core.distributed import (DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistContext, peer_failures_named,
-                                      setup_distributed, teardown_distributed)
+from nanogpt_core.distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistContext
 from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, import_hf
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
 from nanogpt_core.run_command import run_training_entrypoint
 from nanogpt_core.schedule import cosine_lr
 from nanogpt_core.train import (LoopPlan, TrainingObserver, TrainResult, add_resume_arguments, configure_backend,
-                                run_training)
+                                run_in_process_group, run_training)
 
 PREPARED_DATA_DIR = "data"
 IMPORTED_INIT_DIR = "init"
@@ -177,18 +175,10 @@ def finetune(cfg: FinetuneConfig, init: str | Path, out_dir: str | Path, data: s
     `data`: a prepared instruction folder, a Dolly-style JSON-lines file or folder, or None
     for the profile's source.
     """
-    started = time.perf_counter()
-    ctx = setup_distributed(cfg.device, cfg.process_group_timeout_s)
-    try:
-        with peer_failures_named(ctx):
-            result = _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume,
-                               observer, ctx, allow_changed_config)
-    except BaseException:
-        teardown_distributed(after_error=True)
-        raise
-    teardown_distributed()
-    result.wall_seconds = time.perf_counter() - started
-    return result
+    return run_in_process_group(
+        cfg.device, cfg.process_group_timeout_s,
+        lambda ctx: _finetune(cfg, init, Path(out_dir), None if data is None else Path(data), resume, observer, ctx,
+                              allow_changed_config))
 
 
 def _finetune(cfg: FinetuneConfig, init: str | Path, out_dir: Path, data: Path | None, resume: bool,

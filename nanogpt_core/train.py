@@ -201,11 +201,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_dir: str | Path, *, resume
     A resume whose data version or training config differs from the checkpoint's is refused
     unless `allow_changed_config` (see `check_resume_matches`).
     """
+    return run_in_process_group(
+        cfg.device, cfg.process_group_timeout_s,
+        lambda ctx: _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, allow_changed_config))
+
+
+def run_in_process_group(device: str, timeout_s: float, body: Callable[[DistContext], TrainResult]) -> TrainResult:
+    """`body(ctx)` between setting up the process group and tearing it down, timed.
+
+    A rank that fails names its peers' failures, and the group is torn down on the way out
+    either way, so that the other ranks are not left waiting on a collective.
+    """
     started = time.perf_counter()
-    ctx = setup_distributed(cfg.device, cfg.process_group_timeout_s)
+    ctx = setup_distributed(device, timeout_s)
     try:
         with peer_failures_named(ctx):
-            result = _train(cfg, Path(out_dir), Path(data_dir), resume, observer, ctx, allow_changed_config)
+            result = body(ctx)
     except BaseException:
         teardown_distributed(after_error=True)
         raise

@@ -97,6 +97,20 @@ class DagsterServer:
         assert result["__typename"] == "StopSensorMutationResult", result
 
 
+def wait_until_serving(server: DagsterServer, timeout: float) -> None:
+    """Return once the webserver answers; fail with its log if it exits or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{server.url}/server_info", timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.process.poll() is not None:
+                raise RuntimeError(f"the Dagster webserver on port {server.port} did not come up:\n"
+                                   + server.log_tail()) from None
+            time.sleep(1)
+
+
 @contextlib.contextmanager
 def run_dagster_dev(home: Path, artifacts: Path, env: dict[str, str] | None = None) -> Iterator[DagsterServer]:
     """`dagster dev -w workspace.yaml` with the project's dagster.yaml, on the micro profile."""
@@ -111,15 +125,7 @@ def run_dagster_dev(home: Path, artifacts: Path, env: dict[str, str] | None = No
         start_new_session=True)
     server = DagsterServer(home, artifacts, port, process)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{server.url}/server_info", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("dagster dev did not come up:\n" + (home / "dagster_dev.log").read_text())
-                time.sleep(1)
+        wait_until_serving(server, timeout=120)
         yield server
     finally:
         stop_process_group(process)

@@ -18,8 +18,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import pytest
 import yaml
 
 from nanogpt_core.checkpoint import read_checkpoint
-from tests.helpers.dagster_dev import DagsterServer
+from tests.helpers.dagster_dev import DagsterServer, wait_until_serving
 from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_process_group
 
@@ -124,18 +122,6 @@ class TeamInstance:
     run_status: str
 
 
-def _wait_until_serving(server: DagsterServer) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{server.url}/server_info", timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline or server.process.poll() is not None:
-                raise RuntimeError("dagster-webserver did not come up:\n" + server.log_tail())
-            time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory) -> Iterator[TeamInstance]:
     """The whole micro graph, launched through the webserver and run by the daemon, once per module."""
@@ -161,7 +147,7 @@ def team(tmp_path_factory) -> Iterator[TeamInstance]:
                     processes.append(subprocess.Popen(commands[name], cwd=PROJECT_ROOT, env=env, stdout=log,
                                                       stderr=subprocess.STDOUT, start_new_session=True))
             webserver = DagsterServer(homes["webserver"], artifacts, port, processes[0])
-            _wait_until_serving(webserver)
+            wait_until_serving(webserver, timeout=180)
             run_id = webserver.launch(ALL_ASSETS)
             status = webserver.wait(run_id)
             yield TeamInstance(database, webserver, homes["daemon"], run_id, status)
