@@ -177,6 +177,19 @@ def transformers_rate(hf, tokens: int, batch: int = 1) -> float:
 # --- the serving engine ------------------------------------------------------------------------
 
 
+def count_prefilled_tokens(decoder: BatchDecoder) -> list[int]:
+    """Record the length of every chunk the engine prefills from now on (to check what TTFT covers)."""
+    chunks: list[int] = []
+    prefill = decoder.prefill
+
+    def counting_prefill(slot: int, tokens: list[int]) -> torch.Tensor:
+        chunks.append(len(tokens))
+        return prefill(slot, tokens)
+
+    decoder.prefill = counting_prefill
+    return chunks
+
+
 def engine_run(engine: Engine, prompts: list[list[int]], tokens: int) -> tuple[float, list[float]]:
     """Aggregate decode tokens/s over concurrent streams, and each stream's time to first token."""
     params = SamplingParams(max_tokens=tokens, temperature=0, logit_bias=((EOT_TOKEN, -100.0),))
@@ -317,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = 0.0
     ttfts: dict[str, list[float]] = {w: [] for w in engines}
     prefill_alone: list[float] = []
+    prefilled = {w: count_prefilled_tokens(e.decoder) for w, e in engines.items()}
+    covered: dict[str, list[int]] = {w: [] for w in engines}
     try:
         for engine in engines.values():
             engine_run(engine, one_prompt, 4)  # warm-up
@@ -333,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                     best[name] = max(best.get(name, 0.0), measure())
             for w, engine in engines.items():
                 prompt = [prompt_tokens(TTFT_PROMPT_LEN, offset=round_)]
+                prefilled[w].clear()
                 ttfts[w].append(engine_run(engine, prompt, 1)[1][0])
+                covered[w].append(sum(prefilled[w]))
             # The same prefill outside the engine: if the engine's TTFT were shorter than this,
             # it would not cover the whole prompt.
             decoder = engines["fp32"].decoder
@@ -388,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"time to first token, {TTFT_PROMPT_LEN}-token prompt, {w}: median {median * 1000:.0f} ms "
               f"(runs: {', '.join(f'{t * 1000:.0f}' for t in ttfts[w])} ms), "
               f"{flops / median / 1e9:.0f} GFLOP/s = {flops / median / peak:.0%} of the fp32 peak")
+    print(f"tokens prefilled before the first token came out: {sorted(set(covered['fp32'] + covered['int8']))} "
+          f"of {TTFT_PROMPT_LEN} (the whole prompt, in chunks of up to {engines['fp32'].prefill_chunk})")
     alone = statistics.median(prefill_alone)
     print(f"the same prefill called directly (fp32 decoder.prefill, no engine): median {alone * 1000:.0f} ms")
     single, multi, int8 = best[ENGINE_B1], best[methods[-3][0]], best[INT8_B1]
