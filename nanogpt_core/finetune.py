@@ -21,13 +21,11 @@ overridden (`--help` lists them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
-import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,10 +33,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, model_config_of,
                                      read_checkpoint)
-from nanogpt_core.config import EXECUTION_FIELDS
-from nanogpt_core.data.instructions import (SOURCES, InstructionDataError, InstructionLoader, InstructionManifest,
+from nanogpt_core.config import (EXECUTION_FIELDS, FinetuneConfig, add_config_arguments, add_profile_argument,
+                                 finetune_config_from_args)
+# The pipeline's training assets still import the profile lookup from here; its home is config.
+from nanogpt_core.config import get_finetune_profile  # noqa: F401
+from nanogpt_core.data.instructions import (InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
-from nanogpt_core.distributed import DEFAULT_PROCESS_GROUP_TIMEOUT_S, DistContext
+from nanogpt_core.distributed import DistContext
 from nanogpt_core.hf import HF_INIT_PREFIX, HFFormatError, import_hf
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
@@ -49,98 +50,6 @@ from nanogpt_core.train import (LoopPlan, TrainingObserver, TrainResult, add_res
 
 PREPARED_DATA_DIR = "data"
 IMPORTED_INIT_DIR = "init"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    profile: str = "custom"
-    data_source: str = "demo"  # demo | local | dolly, when no --data is given
-    context_length: int = 0  # longest example in tokens; 0 means the model's block_size
-    # duration: whole epochs over the train split, unless max_steps caps it
-    epochs: int = 2
-    max_steps: int = 0
-    # batch: examples per optimizer step (all processes together), reached by accumulating
-    # micro-batches of micro_batch_size examples per process
-    batch_size: int = 32
-    micro_batch_size: int = 8
-    # schedule: linear warmup over a fraction of the steps, then cosine decay to min_lr
-    max_lr: float = 2e-5
-    min_lr: float = 2e-6
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    dropout: float = 0.1
-    # evaluation and checkpoints
-    val_fraction: float = 0.05
-    val_every: int = 100
-    val_steps: int = 0  # 0: the whole val split
-    checkpoint_every: int = 200
-    keep_last: int = 2
-    # reproducibility and hardware
-    seed: int = 1337
-    device: str = "auto"
-    threads: int = 0
-    compile: bool = False
-    # seconds a collective waits for its peers before the run ends naming the missing rank
-    process_group_timeout_s: float = DEFAULT_PROCESS_GROUP_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        if self.data_source not in SOURCES:
-            raise ValueError(f"data_source must be one of {', '.join(SOURCES)}, got {self.data_source!r}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "val_every", "checkpoint_every", "keep_last",
-                     "process_group_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "val_steps", "context_length"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise ValueError(f"warmup_fraction must lie in [0, 1], got {self.warmup_fraction}")
-        if self.min_lr > self.max_lr:
-            raise ValueError(f"min_lr ({self.min_lr}) exceeds max_lr ({self.max_lr})")
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        per_micro_step = self.micro_batch_size * world_size
-        if self.batch_size % per_micro_step != 0:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x processes "
-                             f"({self.micro_batch_size} x {world_size} = {per_micro_step})")
-        return self.batch_size // per_micro_step
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stage": "finetune", **dataclasses.asdict(self)}
-
-
-FINETUNE_PROFILES: dict[str, FinetuneConfig] = {
-    # The test suite and the micro DAG: 40 steps of the chatterbot conversations, seconds on a CPU.
-    "micro": FinetuneConfig(
-        profile="micro", data_source="demo", epochs=1, max_steps=40, batch_size=8, micro_batch_size=4,
-        max_lr=3e-3, min_lr=3e-4, warmup_fraction=0.1, dropout=0.0,
-        val_every=20, val_steps=4, checkpoint_every=20, keep_last=3),
-    # The README's main command: three epochs of the chatterbot conversations (about 380 steps, a few
-    # minutes on a 2-core CPU). With one epoch at 5e-4 the model answered most prompts with an
-    # immediate <|endoftext|>; three at 1.5e-3 took validation loss from 8.4 to 3.2 and gives replies.
-    # The demo model has seen little text, so it takes a pretraining-sized learning rate.
-    "demo": FinetuneConfig(
-        profile="demo", data_source="demo", epochs=3, batch_size=16, micro_batch_size=8,
-        max_lr=1.5e-3, min_lr=1.5e-4, warmup_fraction=0.05, dropout=0.0,
-        val_every=50, val_steps=0, checkpoint_every=100, keep_last=2),
-    # GPT-2 small on databricks-dolly-15k: the usual full fine-tuning recipe for a model this
-    # size (small learning rate, some dropout, no weight decay), two epochs, about 900 steps.
-    "gpt2-124m": FinetuneConfig(
-        profile="gpt2-124m", data_source="dolly", epochs=2, batch_size=32, micro_batch_size=16,
-        max_lr=2e-5, min_lr=2e-6, warmup_fraction=0.03, dropout=0.1,
-        val_every=100, val_steps=0, checkpoint_every=200, keep_last=2, compile=True),
-}
-
-
-def get_finetune_profile(name: str, **overrides: Any) -> FinetuneConfig:
-    """The named fine-tuning preset, with any fields replaced by `overrides`."""
-    if name not in FINETUNE_PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(FINETUNE_PROFILES)}")
-    unknown = set(overrides) - {f.name for f in fields(FinetuneConfig)}
-    if unknown:
-        raise ValueError(f"unknown fine-tuning config field(s): {', '.join(sorted(unknown))}")
-    return replace(FINETUNE_PROFILES[name], **overrides)
 
 
 def resolve_init_checkpoint(init: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -269,15 +178,6 @@ def _prepared_data(cfg: FinetuneConfig, data: Path | None, out_dir: Path, contex
     return prepared
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def _hf_init(text: str) -> str:
     if not text.startswith(HF_INIT_PREFIX) or len(text) == len(HF_INIT_PREFIX):
         raise argparse.ArgumentTypeError(f"expected {HF_INIT_PREFIX}DIR_OR_NAME, got {text!r}")
@@ -287,8 +187,7 @@ def _hf_init(text: str) -> str:
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanogpt_core.finetune", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--profile", default=os.environ.get("NANOGPT_PROFILE", "demo"),
-                        help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
+    add_profile_argument(parser)
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--init", help="checkpoint to start from, or a run folder (its newest)")
     start.add_argument("--init-from", type=_hf_init, metavar="hf:DIR_OR_NAME",
@@ -297,13 +196,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="Dolly-style .jsonl file or folder, or a prepared instruction folder "
                                        "(default: the profile's source)")
     add_resume_arguments(parser)
-    hints = get_type_hints(FinetuneConfig)
-    group = parser.add_argument_group("config overrides (default: the profile's value)")
-    for f in fields(FinetuneConfig):
-        if f.name != "profile":
-            kind = hints[f.name]
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                               type=_parse_bool if kind is bool else kind)
+    add_config_arguments(parser, FinetuneConfig)
     return parser
 
 
@@ -312,9 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
 
     def run(observer):
-        overrides = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
-                     if f.name != "profile" and getattr(args, f.name) is not None}
-        cfg = get_finetune_profile(args.profile, **overrides)
+        cfg = finetune_config_from_args(args)
         return finetune(cfg, args.init or args.init_from, args.out, args.data, resume=args.resume,
                         observer=observer, allow_changed_config=args.allow_changed_config)
 

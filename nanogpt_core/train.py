@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanogpt_core.atomic_file import write_text_atomically
 from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, config_differences, latest_checkpoint,
                                      load_model_weights, prune_checkpoints, save_checkpoint)
-from nanogpt_core.config import EXECUTION_FIELDS, TrainConfig, add_config_arguments, config_from_args
+from nanogpt_core.config import (EXECUTION_FIELDS, TrainConfig, add_config_arguments, add_profile_argument,
+                                 config_from_args)
 from nanogpt_core.content_hash import tensors_version
 from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, peer_failures_named,
                                       setup_distributed, teardown_distributed)
@@ -453,8 +454,7 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanogpt_core.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--profile", default=os.environ.get("NANOGPT_PROFILE", "demo"),
-                        help="micro | demo | gpt2-124m (default: $NANOGPT_PROFILE, else demo)")
+    add_profile_argument(parser)
     parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
     parser.add_argument("--data", required=True, help="shard folder (python -m nanogpt_core.shards)")
     add_resume_arguments(parser)

@@ -32,9 +32,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("", "atomic_file", "content_hash", "lineage", "hardware", "rng", "schedule", "losses",
                      "distributed", "tokenizer", "data.documents")),
     ("the model", ("model", "prompts")),
-    ("formats", ("checkpoint", "config", "deployment_manifest", "shards", "shards.*")),
+    ("formats", ("checkpoint", "deployment_manifest", "shards", "shards.*")),
     ("data sources", ("data", "data.*")),
-    ("uses of a trained model", ("eval", "eval.*", "hf", "hf.*", "sample", "reply_quality")),
+    ("uses of a trained model", ("eval", "eval.*", "hf", "hf.*", "sample", "reply_quality", "report_card")),
+    # a profile names the data sources and the benchmark, so it sits above them
+    ("profiles", ("config",)),
     ("training runs", ("train", "finetune", "pipes_bridge", "run_command")),
 )
 
@@ -175,6 +177,8 @@ def test_the_training_library_imports_only_down_its_layers():
         if name.split(".")[0] != "nanogpt_core" or is_command_line(name):
             continue
         for target in targets:
+            if None in (layer_of(name), layer_of(target)):
+                continue  # unplaced modules are the subject of the test above
             if target.startswith("nanogpt_core") and layer_of(target) > layer_of(name):
                 upward.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} "
                               f"({LAYERS[layer_of(target)][0]})")

@@ -5,6 +5,7 @@ import itertools
 
 import dagster as dg
 
+from nanogpt_core.config import get_finetune_profile
 from nanogpt_core.data.folder_source import scan_folder
 from nanogpt_core.data.instructions import prepare_from_source
 from nanogpt_core.data.raw import iter_raw_texts, write_raw_parquet
@@ -71,16 +72,12 @@ def token_shards(context: dg.AssetExecutionContext, config: ShardsConfig,
         data_version=dg.DataVersion(manifest.data_version))
 
 
-def default_instruction_source(profile: str) -> str:
-    return "dolly" if profile == "gpt2-124m" else "demo"
-
-
 @dg.asset(group_name=DATA_GROUP, kinds={"numpy"}, code_version="1",
           description="Instruction/response pairs (Dolly-15k, a local JSON-lines file, or the offline demo "
                       "conversations) in the prompt template, tokenized, with prompt tokens masked out of the loss.")
 def dolly_prompts(context: dg.AssetExecutionContext, config: InstructionConfig,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
-    source = config.source or default_instruction_source(config.profile)
+    source = config.source or get_finetune_profile(config.profile).data_source
     scratch = artifacts.scratch("dolly_prompts")
     manifest = prepare_from_source(source, scratch, context_length=config.train_config().block_size,
                                    path=config.path, limit=config.limit)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from nanogpt_core.atomic_file import write_text_atomically
 from nanogpt_core.checkpoint import CheckpointError, read_checkpoint
+from nanogpt_core.config import PROFILES, get_run_profile
 from nanogpt_core.deployment_manifest import Decision, Manifest, ManifestError, new_manifest
 from nanogpt_core.eval.hellaswag import evaluate_checkpoint
 from pipeline.config import SCORED_CHECKPOINTS, DeployConfig, EvalConfig
@@ -22,16 +23,19 @@ EVAL_GROUP = "evaluation"
 DEPLOY_GROUP = "deployment"
 SCORES_IN_RANGE = "scores_in_range"
 SCORE_CHECKS = (SCORES_IN_RANGE,)  # every one must have passed on the scores a deployment uses
-DEFAULT_LIMITS = {"micro": 40, "demo": 200, "gpt2-124m": None}
+# Each profile's number of examples to score; the values live in the profiles.
+DEFAULT_LIMITS = {name: profile.evaluation.limit for name, profile in PROFILES.items()}
 
 
 def choose_benchmark(config: EvalConfig) -> tuple[str, str | None]:
+    """A given HellaSwag file is scored; otherwise "auto" means the profile's benchmark (for
+    gpt2-124m HellaSwag, downloaded when reachable)."""
     data = config.data_path or os.environ.get("NANOGPT_HELLASWAG")
     if config.benchmark == "hellaswag" or (config.benchmark == "auto" and data):
         return "hellaswag", data
-    if config.benchmark == "auto" and config.profile == "gpt2-124m":
-        return "hellaswag", None  # the real benchmark, downloaded when reachable
-    return ("demo-cloze" if config.benchmark in ("auto", "demo-cloze") else config.benchmark), None
+    if config.benchmark == "auto":
+        return get_run_profile(config.profile).evaluation.benchmark, None
+    return config.benchmark, None
 
 
 @dg.asset(group_name=EVAL_GROUP, kinds={"pytorch"}, code_version="2", deps=list(SCORED_CHECKPOINTS),

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from dagster._core.errors import DagsterPipesExecutionError
 
-from nanogpt_core import finetune
+from nanogpt_core import config as profiles
 from pipeline.assets.training import finetune_run_key
 from pipeline.config import TorchrunConfig
 from pipeline.torchrun import KILL_GRACE_S, Deadline, earliest_deadline, ran_out_of_time, torchrun_command
@@ -51,8 +51,8 @@ def test_an_edited_fine_tuning_profile_gets_a_new_run_folder(monkeypatch):
     config = TorchrunConfig(profile="micro")
     before = finetune_run_key(config, "parent-v1", "prompts-v1")
     assert finetune_run_key(config, "parent-v1", "prompts-v1") == before  # same settings: the same run resumes
-    edited = replace(finetune.FINETUNE_PROFILES["micro"], max_lr=1e-2)
-    monkeypatch.setitem(finetune.FINETUNE_PROFILES, "micro", edited)
+    micro = profiles.PROFILES["micro"]
+    monkeypatch.setitem(profiles.PROFILES, "micro", replace(micro, finetune=replace(micro.finetune, max_lr=1e-2)))
     assert finetune_run_key(config, "parent-v1", "prompts-v1") != before
     assert finetune_run_key(TorchrunConfig(profile="micro", max_steps=7), "parent-v1", "prompts-v1") != \
         finetune_run_key(config, "parent-v1", "prompts-v1")
