@@ -20,6 +20,7 @@ from typing import Any
 
 from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
 from nanogpt_core.deployment_manifest import Manifest, ManifestError, read_manifest
+from nanogpt_core.report_card import ReportCardError, card_beside, read_card
 from serving.engine import Engine, EngineMetrics
 from serving.errors import model_not_found, model_replaced
 from serving.kv_decoder import BatchDecoder
@@ -43,6 +44,7 @@ class ServedModel:
     lineage: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] | None = None
     deployed_at: str | None = None
+    report_card: dict[str, Any] | None = None
 
     @property
     def names(self) -> tuple[str, str]:
@@ -52,7 +54,7 @@ class ServedModel:
         return ModelCard(id=name, created=self.created, checkpoint=self.checkpoint_name,
                          context_length=self.context_length, weights=self.weights, deployment_id=self.deployment_id,
                          lineage={"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
-                         scores=self.scores, deployed_at=self.deployed_at)
+                         scores=self.scores, deployed_at=self.deployed_at, report_card=self.report_card)
 
 
 def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
@@ -86,7 +88,19 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
         lineage=lineage,
         scores=manifest.scores if manifest else None,
         deployed_at=manifest.deployed_at if manifest else None,
+        report_card=_report_card(path),
     )
+
+
+def _report_card(checkpoint: Path) -> dict[str, Any] | None:
+    """The card the pipeline wrote beside the checkpoint; a checkpoint without one is served all the same."""
+    if not card_beside(checkpoint).is_file():
+        return None
+    try:
+        return read_card(card_beside(checkpoint))
+    except ReportCardError as e:
+        log.warning("serving %s without its report card: %s", checkpoint, e)
+        return None
 
 
 def _timestamp(iso: Any) -> int | None:

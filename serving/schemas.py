@@ -215,6 +215,8 @@ class ModelCard(BaseModel):
     lineage: dict | None = None
     scores: dict | None = None
     deployed_at: str | None = None
+    # the checkpoint's report card (nanogpt_core.report_card), when one was written beside it
+    report_card: dict | None = None
 
 
 class ModelList(BaseModel):

@@ -24,6 +24,7 @@ from pipeline.cluster.k8s_launch import run_training_on_kubernetes
 from pipeline.cluster.k8s_spec import cluster_from_env
 from pipeline.config import TorchrunConfig
 from pipeline.loss_curve import loss_curve_markdown, loss_curve_svg, read_metrics
+from pipeline.report_cards import report_card_metadata
 from pipeline.resources import ArtifactStore
 from pipeline.torchrun import TrainingConfig, run_through_pipes, torchrun_command, training_deadline
 from pipeline.upstream import latest_output
@@ -110,6 +111,11 @@ def finish_training(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
         "loss_curve_file": dg.MetadataValue.path(str(folder / "loss_curve.svg")),
         **{f"upstream_{name}_data_version": v for name, v in upstream_versions.items()},
     })
+    wall = reported.metadata.get("wall_seconds")
+    # The held-out documents are pretraining text: the base model's yardstick; the chat model's are its replies.
+    metadata.update(report_card_metadata(context, artifacts, published, metrics, wall.value if wall else None,
+                                         reported.metadata["lineage"].value.get("profile", ""),
+                                         held_out=asset == "pretrained_checkpoint"))
     return dg.MaterializeResult(metadata=metadata, data_version=reported.data_version,
                                 check_results=[checkpoint_check(asset, published)])
 

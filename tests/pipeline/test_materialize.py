@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -53,6 +54,17 @@ def test_the_whole_graph_materializes_on_micro_and_records_lineage(tmp_path):
 
         finetuned = read_checkpoint(latest_event(instance, "finetuned_checkpoint").metadata["path"].value)
         assert finetuned["lineage"]["parent_checkpoint"]
+
+        # Each training asset carries its report card, also written beside its checkpoint.
+        base_card = pretrained.metadata["report_card_json"].value
+        held_out = pretrained.metadata["held_out_loss"].value
+        assert base_card["loss"]["held_out"] == held_out < base_card["loss"]["initial_val"]
+        assert base_card["replies"]["kind"] == "text" and base_card["scores"]["this"]["n"] == 40
+        assert "| held-out loss (frozen set) |" in pretrained.metadata["report_card"].value
+        chat = latest_event(instance, "finetuned_checkpoint").metadata
+        chat_card = json.loads((Path(chat["path"].value).parent / "report_card.json").read_text())
+        assert chat_card == chat["report_card_json"].value and chat_card["replies"]["of"] == 10
+        assert chat["replies_acceptable"].value == chat_card["replies"]["acceptable"]
 
         manifest = json.loads((root / "deployment" / "current.json").read_text())
         assert manifest["checkpoint_path"] in (checkpoint, latest_event(instance, "finetuned_checkpoint")

@@ -21,6 +21,7 @@ import torch
 from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest
+from nanogpt_core.report_card import build_report_card, card_beside, write_card
 from tests.helpers.ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +109,10 @@ class Deployment:
 def deployment(tmp_path_factory) -> Deployment:
     root = tmp_path_factory.mktemp("serving")
     checkpoint = make_checkpoint(root / "run" / "model_00001.pt", seed=1, step=1)
+    # A real report card of the random model (replies and all), as the pipeline writes beside a checkpoint.
+    write_card(card_beside(checkpoint), build_report_card(checkpoint, held_out=False, previous_deployment={
+        "deployment_id": "deploy-0", "model_id": "nanogpt",
+        "scores": {"benchmark": "demo-cloze", "acc": 0.24, "acc_norm": 0.25, "n": 100}}))
     write_manifest(root / "deployment" / "current.json", new_manifest(
         checkpoint_path=checkpoint, deployment_id="deploy-1", lineage={"token_shards": "v1"},
         scores={"benchmark": "demo-cloze", "acc": 0.25, "acc_norm": 0.26, "n": 100}))

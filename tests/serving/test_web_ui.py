@@ -38,7 +38,7 @@ def test_chat_page_streams_a_reply(browser, deployment, tmp_path):
     # The model picker fills from /v1/models once the key is known, and the lineage shows.
     page.wait_for_function("document.querySelectorAll('#model option').length >= 2", timeout=10_000)
     assert page.locator("#model option").first.get_attribute("value") == "nanogpt"
-    page.wait_for_selector("#lineage dl", timeout=10_000)
+    page.wait_for_selector("#lineage details", timeout=10_000)
     assert "checkpoint" in page.inner_text("#lineage")
     assert "demo-cloze" in page.inner_text("#lineage")
 
@@ -84,4 +84,25 @@ def test_stop_button_ends_a_reply_early(browser, deployment):
     page.wait_for_function(
         "() => [...document.querySelectorAll('.message.assistant')].pop().dataset.done === 'true'", timeout=10_000)
     assert "stopped" in page.inner_text(".message.assistant .meta")
+    page.close()
+
+
+def test_lineage_panel_shows_the_report_card_as_tables(browser, deployment):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(deployment.server.url + "/")
+    page.fill("#api-key", deployment.api_key)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#lineage details[data-section='Report card']", timeout=10_000)
+    panel = page.inner_text("#lineage")
+    assert "[object Object]" not in panel and "{" not in panel
+    # nested values are tables: the score candidates, the previous deployment's score beside this one
+    assert page.locator("#lineage details[data-section='Report card'] table table").count() >= 1
+    assert "previous deployment" in panel and "deploy-0" in panel
+    # the greedy replies are a table with a row per prompt, a column per field
+    replies = page.locator("#lineage details[data-section='Greedy replies'] table.grid")
+    assert replies.locator("tbody tr").count() == 5  # the random checkpoint has no chat lineage: text prompts
+    assert "prompt" in replies.locator("thead").inner_text()
+    assert not errors
     page.close()
