@@ -133,32 +133,49 @@ class MetricsLog:
 
 
 class ProgressDisplay:
-    """A progress bar on a terminal; a plain line per step otherwise (logs, Dagster)."""
+    """A progress bar on a terminal (or anywhere, with NANOGPT_PROGRESS_BAR=1); a plain line per step
+    otherwise (logs, Dagster). Both show the time left: the median of the last steps' measured
+    times (so one slow validation step does not swing it) times the steps to go."""
+
+    RECENT_STEPS = 20
 
     def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
         self.enabled = enabled
         self.total = total
-        if enabled and sys.stderr.isatty():
+        self.step_seconds: list[float] = []
+        if enabled and (sys.stderr.isatty() or os.environ.get("NANOGPT_PROGRESS_BAR") == "1"):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def eta_seconds(self, step: int) -> float:
+        recent = sorted(self.step_seconds[-self.RECENT_STEPS:])
+        return recent[len(recent) // 2] * (self.total - step - 1) if recent else 0.0
 
     def update(self, m: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self.step_seconds.append(m["dt_ms"] / 1000)
+        eta = format_duration(self.eta_seconds(m["step"]))
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
+            self.bar.set_postfix_str(f"loss {m['loss']:.4f}, {m['dt_ms'] / 1000:.2f} s/step, eta {eta}", refresh=False)
             self.bar.update(1)
         else:
             val = f" | val {m['val_loss']:.4f}" if "val_loss" in m else ""
             print(f"step {m['step']:5d}/{self.total} | loss {m['loss']:.6f}{val} | lr {m['lr']:.4e} | "
                   f"norm {m['grad_norm']:.4f} | {m['dt_ms']:.0f} ms | {m['tokens_per_sec']:.0f} tok/s | "
-                  f"mfu {m['mfu'] * 100:.1f}%", flush=True)
+                  f"mfu {m['mfu'] * 100:.1f}% | eta {eta}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class BatchSource(Protocol):
