@@ -23,6 +23,10 @@ for one row and 0.45 ms for eight through oneDNN's reordered weight, against 0.4
 1.13 ms through MKL's `addmm`; the output layer took 5.5-8.5 ms for two to eight rows,
 against 12-18 ms as `W @ x.T` and more through `F.linear`. A single row is sent through
 the output layer twice, as a two-row product, which is faster than the one-row case there.
+Where torch's kernels are AVX2 rather than AVX-512, one-row products instead go through MKL
+on the weights as the model holds them (`plain_single_rows_faster` has the figures), at the
+cost of keeping both layouts of the linear layers (the output layer's plain weight is the
+embedding table, kept anyway).
 
 With `weights="int8"` every linear layer and the output layer hold int8 weights instead
 (`serving.int8`): a quarter of the bytes to read per step. The embeddings stay in fp32,
@@ -47,16 +51,30 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def plain_single_rows_faster() -> bool:
+    """Whether one-row products should skip oneDNN's reordered weights for MKL on the plain ones.
+
+    With AVX2 kernels (forced on a 2-vCPU Xeon) a decode step through oneDNN's weights
+    reordered for small batches took 97 ms against 78 ms through `F.linear` on the plain
+    weights, and the serving engine ran 0.7x `GPT.generate` at one stream; with AVX-512
+    kernels the two were level. At eight rows the reordered weights stay faster (162 against
+    193 ms), so both layouts are kept where this is true.
+    """
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class _Linear:
     """y = x @ W.T + b, optionally followed by GELU (tanh form), for inputs of a few rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
-                 use_onednn: bool, batch_hint: int):
+                 use_onednn: bool, batch_hint: int, plain_single_row: bool = False):
         weight = weight.detach()
         self.weight_numel, self.weight_itemsize = weight.numel(), weight.element_size()
         self.bias = bias.detach() if bias is not None else None
         self.gelu = gelu
         self.use_onednn = use_onednn
+        # The (out, in) weight as the model holds it, for one-row products (no copy: a view).
+        self.plain = weight.contiguous() if use_onednn and plain_single_row else None
         if use_onednn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
         else:
@@ -64,6 +82,9 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        if self.plain is not None and x.size(0) == 1:
+            y = F.linear(x, self.plain, self.bias)
+            return F.gelu(y, approximate="tanh") if self.gelu else y
         if self.use_onednn:
             if self.gelu:
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
@@ -96,7 +117,7 @@ class BatchDecoder:
     """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
 
     def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None,
-                 weights: str = "fp32"):
+                 weights: str = "fp32", plain_single_row: bool | None = None):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         config: GPTConfig = model.config
@@ -114,12 +135,16 @@ class BatchDecoder:
         if use_onednn is None:
             use_onednn = onednn_available(self.wte.device, self.wte.dtype)
         self.use_onednn = use_onednn
+        if plain_single_row is None:
+            plain_single_row = use_onednn and plain_single_rows_faster()
+        self.plain_single_row = plain_single_row
         hint = max(2, max_batch)
 
         def make(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> _Linear | Int8Linear:
             if weights == "int8":
                 return Int8Linear(weight, bias, gelu=gelu)
-            return _Linear(weight, bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint)
+            return _Linear(weight, bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint,
+                           plain_single_row=plain_single_row)
 
         def linear(layer: torch.nn.Linear, gelu: bool = False) -> _Linear | Int8Linear:
             return make(layer.weight, layer.bias, gelu)
@@ -273,7 +298,7 @@ class BatchDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.n_embd,), self.ln_f[0], self.ln_f[1], self.eps)
         rows = x.size(0)
-        if rows == 1 and isinstance(self.lm_head, _Linear):
+        if rows == 1 and isinstance(self.lm_head, _Linear) and self.lm_head.plain is None:
             # One row would be a matrix-vector product, which the libraries here run at
             # about half the speed of a two-row product; the duplicate row costs nothing.
             x = torch.cat([x, x])

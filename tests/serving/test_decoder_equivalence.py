@@ -71,17 +71,26 @@ def engine_greedy(decoder: BatchDecoder, prompts: list[list[int]]) -> list[list[
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("use_onednn", [True, False], ids=["onednn", "addmm"])
-def test_greedy_output_alone_and_in_a_batch_is_token_identical_to_gpt_generate(model, use_onednn):
-    if use_onednn and not onednn_available(torch.device("cpu"), torch.float32):
+# The three layouts the fp32 engine may run: oneDNN's reordered weights for every product,
+# the same with one-row products through MKL on the plain weights (the AVX2 choice), and
+# `addmm` on transposed weights where torch has no oneDNN.
+LAYOUTS = {"onednn": dict(use_onednn=True, plain_single_row=False),
+           "onednn+plain-rows": dict(use_onednn=True, plain_single_row=True),
+           "addmm": dict(use_onednn=False, plain_single_row=False)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_greedy_output_alone_and_in_a_batch_is_token_identical_to_gpt_generate(model, layout):
+    options = LAYOUTS[layout]
+    if options["use_onednn"] and not onednn_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch build has no oneDNN")
     expected = [generate_reference(model, p) for p in PROMPTS]
     # Varied, distinct outputs: a repeated token or a mix-up between rows would show.
     assert all(len(set(e)) > NEW_TOKENS // 2 for e in expected)
     assert len({tuple(e) for e in expected}) == len(PROMPTS)
 
-    alone = [engine_greedy(BatchDecoder(model, max_batch=1, use_onednn=use_onednn), [p])[0] for p in PROMPTS]
-    together = engine_greedy(BatchDecoder(model, max_batch=len(PROMPTS), use_onednn=use_onednn), PROMPTS)
+    alone = [engine_greedy(BatchDecoder(model, max_batch=1, **options), [p])[0] for p in PROMPTS]
+    together = engine_greedy(BatchDecoder(model, max_batch=len(PROMPTS), **options), PROMPTS)
 
     assert alone == expected
     assert together == expected
