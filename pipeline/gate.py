@@ -72,7 +72,9 @@ def failed_checks(instance: dg.DagsterInstance, asset: str, check_names: tuple[s
     for name in check_names:
         history = instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(key, name), limit=HISTORY_LIMIT)
-        evaluations = [r.evaluation for r in history if r.evaluation is not None
+        # Only finished evaluations: a check still running in another run is recorded as
+        # planned (AssetCheckEvaluationPlanned), which targets no materialization yet.
+        evaluations = [r.evaluation for r in history if isinstance(r.evaluation, dg.AssetCheckEvaluation)
                        and r.evaluation.target_materialization_data is not None
                        and r.evaluation.target_materialization_data.storage_id in storage_ids]
         if not evaluations:
