@@ -38,6 +38,7 @@ from nanogpt_core.config import (EXECUTION_FIELDS, TrainConfig, add_config_argum
 from nanogpt_core.content_hash import tensors_version
 from nanogpt_core.distributed import (DistContext, gather_to_all, mean_across_ranks, peer_failures_named,
                                       setup_distributed, teardown_distributed)
+from nanogpt_core.durations import format_duration
 from nanogpt_core.hardware import peak_flops
 from nanogpt_core.lineage import code_version, git_commit
 from nanogpt_core.model import GPT
@@ -171,11 +172,6 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class BatchSource(Protocol):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nanogpt_core.train import ProgressDisplay, format_duration
+from nanogpt_core.durations import format_duration
+from nanogpt_core.train import ProgressDisplay
 
 
 def step(i: int, dt_ms: float) -> dict:
