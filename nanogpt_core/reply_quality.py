@@ -17,6 +17,9 @@ examples):
    a greeting or a courtesy ("Hello", "I am doing well", "Thank you"); a question is answered
    with at least one statement, not only with questions; any other prompt takes any reply
    that passes 1-5.
+7. **It responds to this prompt**: judged over a set of prompts (`judge_replies`), a reply the
+   model gives word for word to three or more different prompts is canned ("Check." to
+   everything), not a response, and every one of those is rejected.
 
 The rule is deliberately mechanical: it cannot tell a true answer from a false one, but it
 separates a model that converses from one that stutters, which is what the demo must show.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 GREETING_OPENERS = (
@@ -54,6 +58,7 @@ FENCED_CODE = re.compile(r"```.*?(?:```|$)", re.DOTALL)
 MAX_REPEATED_RUN = 4  # the longest run of words checked for back-to-back repetition
 REPEATS_THAT_LOOP = 3
 MIN_ENGLISH_SHARE = 0.5
+CANNED_AT = 3  # the same reply to this many different prompts is canned
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,19 @@ def judge_reply(prompt: str, reply: str, *, finished: bool = True) -> Verdict:
     if kind == "question" and not had_code and not _has_statement(prose):
         return verdict("answers a question with only questions")
     return verdict(None)
+
+
+def judge_replies(exchanges: list[tuple[str, str, bool]]) -> list[Verdict]:
+    """Each (prompt, reply, finished) judged by `judge_reply`, and canned replies (rule 7) rejected."""
+    verdicts = [judge_reply(prompt, reply, finished=finished) for prompt, reply, finished in exchanges]
+    counts = Counter(_normalized(reply) for _, reply, _ in exchanges)
+    judged = []
+    for (_, reply, _), verdict in zip(exchanges, verdicts):
+        times = counts[_normalized(reply)]
+        if verdict.acceptable and times >= CANNED_AT:
+            verdict = Verdict(False, f"canned: the same reply to {times} different prompts", verdict.prompt_kind)
+        judged.append(verdict)
+    return judged
 
 
 def repeated_run(words: list[str]) -> str | None:

@@ -32,7 +32,7 @@ from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
 from nanogpt_core.data.held_out import HELD_OUT_OPENERS, held_out_documents
 from nanogpt_core.model import GPT
 from nanogpt_core.prompts import build_prompt, prompt_token_ids
-from nanogpt_core.reply_quality import judge_reply, repeated_run
+from nanogpt_core.reply_quality import WORD, judge_replies, repeated_run
 from nanogpt_core.tokenizer import EOT_TOKEN, get_tokenizer
 
 FORMAT = "nanogpt-pipeline/report-card"
@@ -158,7 +158,7 @@ def greedy_completions(model: GPT, prompts: Sequence[str], *, chat: bool,
     """Each prompt's greedy continuation; for a chat model the prompt goes through the chat template
     and the reply is judged. `finished` says whether the model ended it (`<|endoftext|>`)."""
     encoder = get_tokenizer()
-    results = []
+    results: list[dict[str, Any]] = []
     with one_thread():
         for prompt in prompts:
             ids = prompt_token_ids(build_prompt(prompt)) if chat else [EOT_TOKEN] + encoder.encode_ordinary(prompt)
@@ -173,12 +173,13 @@ def greedy_completions(model: GPT, prompts: Sequence[str], *, chat: bool,
             reply = encoder.decode(new)
             entry: dict[str, Any] = {"prompt": prompt, "reply": reply.strip() if chat else reply,
                                      "finished": finished}
-            if chat:
-                verdict = judge_reply(prompt, reply, finished=finished)
-                entry.update(acceptable=verdict.acceptable, reason=verdict.reason, prompt_kind=verdict.prompt_kind)
-            else:
-                entry["loops"] = repeated_run(reply.lower().split()) is not None
+            if not chat:
+                entry["loops"] = repeated_run(WORD.findall(reply.lower())) is not None
             results.append(entry)
+    if chat:
+        verdicts = judge_replies([(r["prompt"], r["reply"], r["finished"]) for r in results])
+        for entry, verdict in zip(results, verdicts):
+            entry.update(acceptable=verdict.acceptable, reason=verdict.reason, prompt_kind=verdict.prompt_kind)
     return results
 
 
@@ -306,7 +307,8 @@ def card_markdown(card: dict[str, Any]) -> str:
               "| --- | --- | --- |"]
     for c in card["completions"]:
         verdict = ("ok" if c["acceptable"] else c["reason"]) if chat else ("yes" if c["finished"] else "no")
-        lines.append(f"| {_cell(c['prompt'])} | {_cell(c['reply'] or '(empty)')} | {_cell(verdict)} |")
+        reply = _cell(c["reply"]) or ("(empty)" if not c["reply"] else "(only white space)")
+        lines.append(f"| {_cell(c['prompt'])} | {reply} | {_cell(verdict)} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 SIZE_INCHES = (6.0, 3.2)
 TRAIN_COLOUR, VAL_COLOUR = "#1f77b4", "#d62728"
@@ -44,6 +45,7 @@ def loss_curve_svg(metrics: list[dict], title: str) -> str:
         axes.text(0.5, 0.5, "no steps recorded", ha="center", va="center", transform=axes.transAxes)
     axes.set_title(f"{title}: loss")
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("cross-entropy (nats)")
     axes.grid(True, alpha=0.3)
     if train or val:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanogpt_core.reply_quality import judge_reply, prompt_kind, repeated_run
+from nanogpt_core.reply_quality import judge_replies, judge_reply, prompt_kind, repeated_run
 
 
 @pytest.mark.parametrize("prompt, kind", [
@@ -60,3 +60,13 @@ def test_a_loop_is_a_run_of_up_to_four_words_three_times_in_a_row() -> None:
     assert repeated_run("the cat sat the cat sat the cat sat".split()) == "the cat sat"
     assert repeated_run("very very good".split()) is None  # twice is emphasis, not a loop
     assert repeated_run("a b c d e a b c d e a b c d e".split()) is None  # five words: longer than checked
+
+
+def test_the_same_reply_to_three_different_prompts_is_canned_not_a_response() -> None:
+    # what a weakly fine-tuned demo model answered: each reply alone passes the rule
+    exchanges = [("Who is your father", "Try.", True), ("interest rates", "Try.", True),
+                 ("How can I use your product?", "Try.", True), ("You are never nice", "Check.", True),
+                 ("who is spider man", "Check.", True), ("we are on the same wavelength", "Try the check.", True)]
+    verdicts = judge_replies(exchanges)
+    assert [v.acceptable for v in verdicts] == [False, False, False, True, True, True]
+    assert verdicts[0].reason == "canned: the same reply to 3 different prompts"
