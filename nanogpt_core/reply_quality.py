@@ -105,8 +105,8 @@ def judge_reply(prompt: str, reply: str, *, finished: bool = True) -> Verdict:
         known = sum(1 for w in words if is_english_word(w))
         if known == 0 or known / len(words) < MIN_ENGLISH_SHARE:
             return verdict(f"not English: {known} of {len(words)} words are in the dictionary")
-    if not had_code and len(words) == 1 and words[0] in FUNCTION_WORDS:
-        return verdict(f"a fragment: {words[0]!r} alone")
+    if not had_code and len(words) == 1 and words[0].split("'")[0] in FUNCTION_WORDS:
+        return verdict(f"a fragment: {words[0]!r} alone")  # "I's" is no more a reply than "I"
     if _normalized(reply) == _normalized(prompt):
         return verdict("echoes the prompt")
     if kind == "greeting" and not set(words) & GREETING_REPLY_WORDS:

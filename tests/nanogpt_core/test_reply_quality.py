@@ -45,6 +45,7 @@ def test_replies_that_converse_are_acceptable(prompt: str, reply: str) -> None:
     ("Who is your father", "  ...  ", True, "empty"),
     ("Who is your father", "xqzt blorf vexu", True, "not English: 0 of 3"),
     ("You are never nice", "I", True, "a fragment: 'i'"),
+    ("let me ask you a question", "I's", True, "a fragment: \"i's\""),
     ("You are never nice", "You are never nice.", True, "echoes the prompt"),
     ("Hi", "The printer is not printing.", True, "not a greeting in return"),
     ("Who is your father", "Why do you ask?", True, "answers a question with only questions"),

@@ -73,6 +73,34 @@ def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
     shutil.copy(screenshot, docs_copy)
 
 
+def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, tmp_path):
+    """The first test materialized the graph; its pretrained checkpoint's card shows in the UI."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                                          "--disable-background-networking", "--disable-component-update",
+                                          "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1300})
+        page.goto(f"{dagster_dev.url}/assets/pretrained_checkpoint", wait_until="networkidle", timeout=60_000)
+        dismiss_welcome_dialog(page)
+        page.get_by_placeholder("Filter metadata keys").fill("report_card")
+        page.get_by_text("report_card_file").first.wait_for(timeout=30_000)
+        # The UI shows short markdown in the table and longer markdown behind a button, in a dialog.
+        show = page.get_by_text("[Show Markdown]")
+        if show.count():
+            show.first.click()
+        row = page.locator("td", has_text="held-out loss (frozen set)").last
+        row.wait_for(timeout=30_000)
+        text = page.locator("table:has(td:text-is('held-out loss (frozen set)'))").last.inner_text()
+        page.screenshot(path=str(tmp_path / "report_card.png"), full_page=True)
+        browser.close()
+    for row in ("val loss (final / step 0)", "greedy replies", "tokens seen", "throughput", "raw content hash"):
+        assert row in text
+    assert "|" not in text  # rendered as a table, not shown as markdown source
+
+
 def dismiss_welcome_dialog(page) -> None:
     """A fresh browser profile may get Dagster's one-time community dialog over the graph."""
     skip = page.get_by_role("button", name="Skip")
