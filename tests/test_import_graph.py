@@ -30,7 +30,7 @@ FORBIDDEN = {
 # are module names inside nanogpt_core, `*` standing for a submodule.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("", "atomic_file", "content_hash", "lineage", "hardware", "rng", "schedule", "losses",
-                     "distributed", "tokenizer", "data.documents")),
+                     "distributed", "tokenizer", "durations", "data.documents")),
     ("the model", ("model", "prompts")),
     ("formats", ("checkpoint", "deployment_manifest", "shards", "shards.*")),
     ("data sources", ("data", "data.*")),
