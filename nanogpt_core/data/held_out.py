@@ -9,8 +9,9 @@ thing after the training corpus grows, on any Python version:
   The demo corpus never yields a document with one of these ids, so no demo model trains on
   them; the report card's held-out loss and the demo-cloze benchmark are measured on them.
 - `HELD_OUT_OPENERS`: ten first turns of chatterbot conversations that the demo fine-tuning
-  data keeps in its validation split and never in its training split, chosen by a rule (the
-  first such opener of each category, in the corpus's category order, until there were ten).
+  data (prepared for the demo's 256-token context) keeps in its validation split and never in
+  its training split, chosen by a rule: the first such opener of each category, in the corpus's
+  file order; ten categories have one.
   The fine-tuned model's greedy replies to them are judged by `nanogpt_core.reply_quality`.
 """
 
@@ -30,14 +31,14 @@ HELD_OUT_SHA256 = "6d9f71407cbe1bca3c6af4046158e66997c122b5d44820c295094e7d05fa1
 HELD_OUT_OPENERS: tuple[str, ...] = (
     "How can I use your product?",
     "Who is your father",
-    "can you do async in JavaScript?",
-    "Which is better Windows or macOS?",
-    "You are never nice",
-    "Hi",
-    "interest rates",
-    "who is spider man",
-    "let me ask you a question",
-    "we are on the same wavelength",
+    "can you write a mock test?",
+    "What are you?",
+    "Does that make you",
+    "have you read plato",
+    "is hal",
+    "you are not sincere",
+    "I LOVE BASEBALL",
+    "According to Greek mythology who was the first woman on earth?",
 )
 
 

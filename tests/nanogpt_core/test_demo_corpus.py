@@ -154,3 +154,27 @@ def test_iteration_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
     out, err = capfd.readouterr()
     assert out == ""
     assert err == ""
+
+
+def test_the_held_out_openers_are_in_the_demo_chat_data_for_validation_only(tmp_path: Path) -> None:
+    import numpy as np
+
+    from nanogpt_core.config import get_profile
+    from nanogpt_core.data.held_out import HELD_OUT_OPENERS
+    from nanogpt_core.data.instructions import prepare_from_source
+    from nanogpt_core.prompts import build_prompt
+    from nanogpt_core.tokenizer import get_tokenizer
+
+    prepare_from_source("demo", tmp_path, context_length=get_profile("demo").block_size)
+    encoder = get_tokenizer()
+
+    def prompts(split: str) -> set[str]:
+        tokens = np.load(tmp_path / f"{split}_tokens.npy")
+        offsets = np.load(tmp_path / f"{split}_offsets.npy")
+        lengths = np.load(tmp_path / f"{split}_prompt_lengths.npy")
+        return {encoder.decode(tokens[start + 1:start + length].tolist())
+                for start, length in zip(offsets[:-1], lengths)}
+
+    openers = {build_prompt(opener) for opener in HELD_OUT_OPENERS}
+    assert openers <= prompts("val")
+    assert not openers & prompts("train")
