@@ -173,8 +173,8 @@ def greedy_completions(model: GPT, prompts: Sequence[str], *, chat: bool,
             reply = encoder.decode(new)
             entry: dict[str, Any] = {"prompt": prompt, "reply": reply.strip() if chat else reply,
                                      "finished": finished}
-            if not chat:
-                entry["loops"] = repeated_run(WORD.findall(reply.lower())) is not None
+            if not chat:  # a run of blank lines is as much a loop as a repeated word
+                entry["loops"] = not reply.strip() or repeated_run(WORD.findall(reply.lower())) is not None
             results.append(entry)
     if chat:
         verdicts = judge_replies([(r["prompt"], r["reply"], r["finished"]) for r in results])
