@@ -208,7 +208,7 @@ PROFILES: dict[str, Profile] = {
         evaluation=BenchmarkConfig(benchmark=DEMO_CLOZE, limit=40)),
     # The README's main command: ten minutes on a 2-core AVX2 CPU, offline text. Chosen by the
     # sweep in docs/BENCHMARKS.md ("Demo profile"): the 50,304-wide output layer is most of the
-    # compute, so a 128-wide model (2.2x the 256-wide one's tokens a second) with 2,048-token
+    # compute, so a 128-wide model (2.1x the 256-wide one's tokens a second) with 2,048-token
     # steps at 4e-3 gave the lowest held-out loss the budget allows; 210 steps fit it at the
     # measured 1.65-1.75 s a step. Validation only at the start and the end: the report card measures
     # the frozen held-out set, and each validating step cost as much as two plain ones.
