@@ -41,6 +41,18 @@ def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {os.environ['NANOGPT_LOAD_KEY']}", "Content-Type": "application/json"}
 
 
+def _answered(response) -> bool:
+    """Whether a 200 came back to read; a refusal by design counts as a success, anything else fails."""
+    if response.status_code in REFUSED_BY_DESIGN:
+        _results["refused_by_design"] += 1
+        response.success()
+        return False
+    if response.status_code != 200:
+        response.failure(f"status {response.status_code}: {response.text[:200]}")
+        return False
+    return True
+
+
 class OpenAIClient(HttpUser):
     # No think time: each user sends its next request as soon as the last one ends.
     wait_time = staticmethod(lambda: 0)
@@ -61,12 +73,7 @@ class OpenAIClient(HttpUser):
         body = {"model": "nanogpt", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
         with self.client.post("/v1/completions", json=body, headers=_headers(), name="completion",
                               catch_response=True) as response:
-            if response.status_code in REFUSED_BY_DESIGN:
-                _results["refused_by_design"] += 1
-                response.success()
-                return
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
+            if not _answered(response):
                 return
             try:
                 usage = response.json()["usage"]
@@ -83,12 +90,7 @@ class OpenAIClient(HttpUser):
         started = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=body, headers=_headers(), name=name,
                               stream=True, catch_response=True) as response:
-            if response.status_code in REFUSED_BY_DESIGN:
-                _results["refused_by_design"] += 1
-                response.success()
-                return
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
+            if not _answered(response):
                 return
             self._read_stream(response, started)
 
