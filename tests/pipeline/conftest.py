@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 import pytest
 
 from pipeline.definitions import defs
@@ -68,6 +69,19 @@ class MicroPipeline:
 
     def materialize(self, selection: str | list[str], **config: dict) -> dg.ExecuteInJobResult:
         return materialize(selection, self.instance, self.artifacts, **config)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_definitions_state():
+    """Each test starts without a current definitions-state storage.
+
+    A Dagster instance, while open, makes its storage the current one in a context variable
+    that loading definitions reads. An instance another test opened and dropped can stay
+    there, and loading definitions then fails with "Attempted to resolve undefined
+    DagsterInstance weakref"; an instance a test opens itself sets its own again.
+    """
+    with set_defs_state_storage(None):
+        yield
 
 
 @pytest.fixture(scope="session")

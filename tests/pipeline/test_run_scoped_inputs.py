@@ -82,7 +82,11 @@ def consumed(instance, run_id: str) -> tuple[str, dict]:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    # No compute-log capture: it mirrors output through `tail -F` subprocesses, whose clean-up
+    # can take 30 s on a busy machine, longer than a held run is given to finish.
+    no_compute_logs = {"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
+                                        "class": "NoOpComputeLogManager"}}
+    with dg.instance_for_test(overrides=no_compute_logs) as instance:
         try:
             yield instance
         finally:  # a failed assertion must not leave a held run waiting
