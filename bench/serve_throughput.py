@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(f"int8 quality, {args.quality_checkpoint}: FineWeb-Edu sample, {quality['windows']} windows of "
               f"{quality['window']} tokens ({quality['tokens']} predictions), teacher-forced")
-        print(f"| perplexity fp32 | perplexity int8 | change | top-1 agreement with fp32 |")
+        print("| perplexity fp32 | perplexity int8 | change | top-1 agreement with fp32 |")
         print(f"| {quality['ppl_fp32']:.3f} | {quality['ppl_int8']:.3f} | {change:+.2%} "
               f"| {quality['top1_agreement']:.2%} |")
         print(f"goal: int8 perplexity within 2% of fp32: {'met' if abs(change) <= 0.02 else 'NOT met'}")

@@ -35,8 +35,6 @@ from nanogpt_core.checkpoint import (CheckpointError, checkpoint_name, latest_ch
                                      read_checkpoint)
 from nanogpt_core.config import (EXECUTION_FIELDS, FinetuneConfig, add_config_arguments, add_profile_argument,
                                  finetune_config_from_args)
-# The pipeline's training assets still import the profile lookup from here; its home is config.
-from nanogpt_core.config import get_finetune_profile  # noqa: F401
 from nanogpt_core.data.instructions import (InstructionDataError, InstructionLoader, InstructionManifest,
                                             is_prepared_folder, prepare_from_source)
 from nanogpt_core.distributed import DistContext

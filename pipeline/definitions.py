@@ -13,7 +13,7 @@ from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
 from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
 from pipeline.retention import cleanup_artifacts, nightly_cleanup
-from pipeline.rollback import rollback_job
+from pipeline.rollback_job import rollback_job
 
 defs = dg.Definitions(
     assets=[raw_fineweb, token_shards, dolly_prompts, pretrained_checkpoint, finetuned_checkpoint,

@@ -1,19 +1,12 @@
-"""Rolling back: serve an earlier deployment again.
+"""Rolling back from a shell: serve an earlier deployment again.
 
-From the Dagster UI, launch the `rollback_deployment` job with
-
-    deployment_id: 3f2a9c0d1e5b7a64      # from deployed_model's materializations, or --list below
-    reason: the new model answers in French
-
-From a shell (with DAGSTER_HOME set, so the run is recorded in the same instance):
+With DAGSTER_HOME set, so the run is recorded in the same instance as the UI's runs:
 
     python -m pipeline.rollback --list
     python -m pipeline.rollback 3f2a9c0d1e5b7a64 --reason "the new model answers in French"
 
-Both materialize `deployed_model` with `rollback_to`, which rewrites `deployment/current.json`
-through the manifest module with the earlier deployment's id, checkpoint and scores; a
-running server swaps back within its poll interval. The CLI runs the job in this process, so
-it needs neither the webserver nor the daemon.
+This runs the `rollback_deployment` job (pipeline/rollback_job.py, also launched from the
+Dagster UI) in this process, so it needs neither the webserver nor the daemon.
 """
 
 from __future__ import annotations
@@ -23,25 +16,10 @@ import sys
 
 import dagster as dg
 
+from pipeline.definitions import defs
 from pipeline.deployment_store import read_current, recorded_deployments
 from pipeline.resources import ArtifactStore
-
-ROLLBACK_JOB = "rollback_deployment"
-
-
-@dg.config_mapping(config_schema={
-    "deployment_id": dg.Field(str, description="the earlier deployment to serve again (deployed_model/<id>/)"),
-    "reason": dg.Field(str, is_required=False, default_value="", description="why; recorded in the manifest"),
-})
-def rollback_run_config(values: dict) -> dict:
-    return {"ops": {"deployed_model": {"config": {"rollback_to": values["deployment_id"],
-                                                  "reason": values["reason"] or None}}}}
-
-
-rollback_job = dg.define_asset_job(
-    ROLLBACK_JOB, selection=dg.AssetSelection.assets("deployed_model"), config=rollback_run_config,
-    description="Serve an earlier deployment again: deployed_model rewritten from its record, gate skipped, "
-                "the rollback and its reason recorded in the manifest.")
+from pipeline.rollback_job import ROLLBACK_JOB
 
 
 def list_deployments(artifacts: ArtifactStore) -> str:
@@ -76,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     except dg.DagsterError as e:  # DAGSTER_HOME unset, or not a folder
         print(f"rollback: {e}", file=sys.stderr)
         return 2
-
-    from pipeline.definitions import defs  # here, since the definitions import this module
 
     result = defs.resolve_job_def(ROLLBACK_JOB).execute_in_process(
         run_config={"deployment_id": args.deployment_id, "reason": args.reason},

@@ -40,18 +40,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training runs", ("train", "finetune", "pipes_bridge", "run_command")),
 )
 
-# Circles that are known and not yet taken apart, each with what it would take. The test
-# fails when one of them is gone, so that the entry is removed with it.
-KNOWN_CIRCLES = {
-    frozenset({"nanogpt_core.data.text_sources", "nanogpt_core.data.folder_source"}):
-        "text_sources dispatches to the folder source, which reads its files with text_sources' readers; "
-        "the readers need a module of their own",
-    frozenset({"pipeline.definitions", "pipeline.rollback"}):
-        "rollback's command line finds its job in the definitions that list the job; the command line needs "
-        "a module of its own",
-}
-
-
 def module_files() -> dict[str, Path]:
     modules = {}
     for package in PACKAGES:
@@ -149,11 +137,8 @@ def test_the_graph_is_read_from_the_real_files():
 
 
 def test_no_module_imports_itself_back_through_others():
-    circles = [frozenset(c) for c in strongly_connected(GRAPH) if len(c) > 1]
-    unknown = [sorted(c) for c in circles if c not in KNOWN_CIRCLES]
-    assert not unknown, f"import circles: {unknown}"
-    gone = [sorted(c) for c in KNOWN_CIRCLES if c not in circles]
-    assert not gone, f"these circles are gone; remove them from KNOWN_CIRCLES: {gone}"
+    circles = [sorted(c) for c in strongly_connected(GRAPH) if len(c) > 1]
+    assert not circles, f"import circles: {circles}"
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt_core.data.documents import Document
-from nanogpt_core.data.text_sources import TextSourceError, documents_from_files
+from nanogpt_core.data.text_files import TextSourceError, documents_from_files
 
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 READ_CHUNK_BYTES = 1 << 20

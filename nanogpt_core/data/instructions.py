@@ -29,7 +29,6 @@ data version (a hash of the arrays' bytes, so identical data gives an identical 
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import itertools
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 
 from nanogpt_core.atomic_file import write_bytes_atomically
+from nanogpt_core.content_hash import version_of_parts
+from nanogpt_core.data.text_files import nonblank_lines
 from nanogpt_core.losses import IGNORE_INDEX
 from nanogpt_core.prompts import build_prompt, prompt_token_ids, render_history
 from nanogpt_core.shards import is_val_document
@@ -143,15 +144,11 @@ def _local_rows(path: Path) -> Iterator[Any]:
     else:
         raise InstructionDataError(f"instruction file {path} does not exist")
     for file in files:
-        opener = gzip.open if file.name.endswith(".gz") else open
-        with opener(file, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield UnreadableRow(f"{file}:{line_number}", str(e))
+        for line_number, line in nonblank_lines(file):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield UnreadableRow(f"{file}:{line_number}", str(e))
 
 
 def _chatterbot_rows() -> Iterator[dict]:
@@ -327,17 +324,17 @@ def prepare_instructions(rows: Iterable[Any], out_dir: str | Path, *, context_le
                                     else np.zeros(0, dtype=np.uint16))
         arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         arrays[f"{name}_prompt_lengths"] = np.asarray(split["prompt_lengths"], dtype=np.int32)
-    version = hashlib.sha256()
+    parts = []
     for name, array in arrays.items():
         payload = _npy_bytes(array)
         write_bytes_atomically(out_dir / f"{name}.npy", payload)
-        version.update(f"{name}:{hashlib.sha256(payload).hexdigest()}\n".encode())
+        parts.append((name, hashlib.sha256(payload).hexdigest()))
 
     n = {s: len(splits[s]["prompt_lengths"]) for s in SPLITS}
     total = {s: int(arrays[f"{s}_offsets"][-1]) for s in SPLITS}
     prompt_total = {s: int(arrays[f"{s}_prompt_lengths"].sum()) for s in SPLITS}
     manifest = InstructionManifest(
-        format=FORMAT, format_version=FORMAT_VERSION, data_version=version.hexdigest()[:16], source=source,
+        format=FORMAT, format_version=FORMAT_VERSION, data_version=version_of_parts(parts), source=source,
         context_length=context_length, val_fraction=val_fraction, rows_read=rows_read, examples=n, tokens=total,
         response_tokens={s: total[s] - prompt_total[s] for s in SPLITS},
         skipped=dict(sorted(skipped.items())), categories=dict(sorted(categories.items())))

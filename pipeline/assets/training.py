@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from nanogpt_core.checkpoint import CheckpointError, read_checkpoint
-from nanogpt_core.finetune import FinetuneConfig, get_finetune_profile
+from nanogpt_core.config import FinetuneConfig, get_finetune_profile
 from pipeline.assets.data import dolly_prompts, token_shards
 from pipeline.cluster.k8s_launch import run_training_on_kubernetes
 from pipeline.cluster.k8s_spec import cluster_from_env

@@ -11,7 +11,8 @@ import torch
 from nanogpt_core.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint, save_checkpoint
 from nanogpt_core.config import get_profile
 from nanogpt_core.data.instructions import InstructionManifest
-from nanogpt_core.finetune import finetune, get_finetune_profile
+from nanogpt_core.config import get_finetune_profile
+from nanogpt_core.finetune import finetune
 from nanogpt_core.model import GPT
 
 from ..conftest import run_module

@@ -276,7 +276,8 @@ def test_the_content_hash_is_repeatable(checkpoint, tmp_path):
 
 
 def test_fine_tuning_starts_from_a_hugging_face_folder(exported, tmp_path):
-    from nanogpt_core.finetune import finetune, get_finetune_profile
+    from nanogpt_core.config import get_finetune_profile
+    from nanogpt_core.finetune import finetune
 
     cfg = get_finetune_profile("micro", max_steps=2, val_steps=1, val_every=1, checkpoint_every=1)
     result = finetune(cfg, HF_INIT_PREFIX + str(exported), tmp_path / "run")

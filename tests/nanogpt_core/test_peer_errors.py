@@ -7,7 +7,7 @@ import torch
 
 from nanogpt_core.config import get_profile
 from nanogpt_core.distributed import DistContext, PeerLostError, lost_peer_error, peer_failures_named, setup_distributed
-from nanogpt_core.finetune import get_finetune_profile
+from nanogpt_core.config import get_finetune_profile
 
 GLOO_RESET = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.200.0.2]:41234: "
               "Connection reset by peer. This is typically caused by a remote worker hanging")

@@ -13,7 +13,7 @@ from nanogpt_core.deployment_manifest import read_manifest
 from pipeline.definitions import defs
 from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
-from pipeline.rollback import ROLLBACK_JOB, rollback_job
+from pipeline.rollback_job import ROLLBACK_JOB, rollback_job
 
 from ..conftest import PROJECT_ROOT, python_env
 from .conftest import step_failure_text

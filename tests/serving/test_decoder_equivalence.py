@@ -11,27 +11,10 @@ from nanogpt_core.model import GPT, GPTConfig
 from serving.engine import Engine, Generation
 from serving.kv_decoder import BatchDecoder, onednn_available
 from serving.sampling import SamplingParams
+from tests.serving.engine_helpers import decisive_model
 
 NEW_TOKENS = 32
 PROMPTS = [[464, 2068, 7586, 21831], [50256], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3666, 318]]
-
-
-def decisive_model(config: GPTConfig, seed: int) -> GPT:
-    """A random model whose greedy choices have clear winners, as a trained model's do.
-
-    A fresh init keeps the blocks' outputs small, so the model repeats its input token, with
-    logits so flat that the argmax hinges on rounding. Louder blocks and a sharper final norm
-    give varied continuations with margins far above rounding differences between kernels.
-    """
-    torch.manual_seed(seed)
-    gpt = GPT(config).eval()
-    with torch.no_grad():
-        for block in gpt.transformer.h:
-            block.mlp.c_fc.weight.mul_(20 / 3)
-            block.mlp.c_proj.weight.mul_(20)
-            block.attn.c_proj.weight.mul_(20)
-        gpt.transformer.ln_f.weight.mul_(4)
-    return gpt
 
 
 @pytest.fixture(scope="module")

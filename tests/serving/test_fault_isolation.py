@@ -8,8 +8,6 @@ batched forward pass with monkeypatch.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,13 +22,8 @@ from nanogpt_core.checkpoint import save_checkpoint
 from nanogpt_core.model import GPT, GPTConfig
 from serving.app import create_app
 from serving.settings import ServerSettings
-
-CHAT = "/v1/chat/completions"
-GENERIC_500 = re.compile(r"^The server had an error while processing your request\. Request id: (req_[0-9a-f]{32})\.$")
-FAULT_SEED = 666  # marks the request whose sampling is made to fail
-QUESTIONS = ["Name a colour.", "What is two plus two?", "Tell me about rivers.", "Say hello.",
-             "Why is the sky blue?", "List three fruits.", "Who wrote poems?"]
-
+from tests.serving.engine_helpers import (CHAT, FAULT_SEED, GENERIC_500, QUESTIONS, assert_generic_500, chat_body,
+                                          fail_sampling_of_marked_requests, sse_events, streamed_text)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -53,61 +46,10 @@ async def running_app(checkpoint: Path):
             yield app, client
 
 
-def chat_body(question: str, **extra) -> dict:
-    return {"model": "nanogpt", "messages": [{"role": "user", "content": question}], "max_tokens": 24,
-            "temperature": 0, **extra}
-
-
-def sse_events(response: httpx.Response) -> list:
-    """The payloads of a server-sent event stream, "[DONE]" as a string."""
-    assert response.status_code == 200, response.text
-    events = []
-    for line in response.text.splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def streamed_text(response: httpx.Response) -> str:
-    events = sse_events(response)
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert all("error" not in c for c in chunks), chunks
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-
-
 async def answer_alone(client: httpx.AsyncClient, question: str) -> str:
     response = await client.post(CHAT, json=chat_body(question))
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
-
-
-def fail_sampling_of_marked_requests(monkeypatch, app) -> list[int]:
-    """Make sampling raise for requests with FAULT_SEED at their third token; the batch sizes it failed in."""
-    real_sample_token = serving.engine.sample_token
-    batch_sizes: list[int] = []
-
-    def sample_token(logits, params, generator, counts):
-        if params.seed == FAULT_SEED and sum(counts.values()) == 3:
-            batch_sizes.append(app.state.registry.current.engine.active_sequences)
-            raise RuntimeError("injected sampling fault")
-        return real_sample_token(logits, params, generator, counts)
-
-    monkeypatch.setattr(serving.engine, "sample_token", sample_token)
-    return batch_sizes
-
-
-def assert_generic_500(response: httpx.Response) -> str:
-    assert response.status_code == 500
-    error = response.json()["error"]
-    assert error["type"] == "server_error"
-    assert "injected" not in response.text and "Error" not in response.text
-    match = GENERIC_500.match(error["message"])
-    assert match, error["message"]
-    assert response.headers["x-request-id"] == match.group(1)
-    return match.group(1)
 
 
 def test_a_sampling_fault_fails_only_its_request_while_seven_streams_finish_as_if_alone(checkpoint, monkeypatch,

@@ -13,14 +13,14 @@ from serving.app import create_app
 from serving.int8 import Int8Linear, int8_available, quantize_rows
 from serving.kv_decoder import BatchDecoder
 from serving.settings import ServerSettings, SettingsError, settings_from_environment
-from tests.serving.test_decoder_equivalence import decisive_model
 from tests.serving.conftest import API_KEYS, ServerProcess, make_checkpoint
-from tests.serving.test_fault_isolation import (
+from tests.serving.engine_helpers import (
     CHAT,
     FAULT_SEED,
     QUESTIONS,
     assert_generic_500,
     chat_body,
+    decisive_model,
     fail_sampling_of_marked_requests,
     streamed_text,
 )
