@@ -10,6 +10,7 @@ from pipeline.assets.export import hf_export
 from pipeline.assets.training import finetuned_checkpoint, pretrained_checkpoint
 from pipeline.automation import new_incoming_text, retrain_job, weekly_retraining
 from pipeline.checks import dolly_prompts_are_valid, shards_are_valid
+from pipeline.executor import step_executor
 from pipeline.pipes_messages import training_pipes_client
 from pipeline.resources import ArtifactStore
 from pipeline.retention import cleanup_artifacts, nightly_cleanup
@@ -22,6 +23,7 @@ defs = dg.Definitions(
     jobs=[retrain_job, rollback_job, cleanup_artifacts],
     schedules=[weekly_retraining, nightly_cleanup],
     sensors=[new_incoming_text],
+    executor=step_executor,
     resources={
         "artifacts": ArtifactStore(),
         "pipes_subprocess_client": training_pipes_client(),

@@ -1,24 +1,31 @@
 """The pipeline through a real `dagster dev` (webserver + daemon) on a loopback port.
 
 Runs are launched over GraphQL with the dagster_graphql client, exactly as the UI does, and
-results are read back from the instance the server wrote to.
+results are read back from the instance the server wrote to. A whole graph launched over
+GraphQL, with its lineage read back, is test_postgres's (there on the production instance);
+here the UI itself is driven, and a training run is stopped from it and resumed.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.dagster_dev import run_dagster_dev
+from tests.helpers.dagster_dev import DagsterServer, run_dagster_dev
 from tests.helpers.processes import is_alive
 
 from ..conftest import PROJECT_ROOT
-from .conftest import ALL_ASSETS, data_version, latest_event
+from .conftest import ALL_ASSETS, latest_event
 
 pytestmark = pytest.mark.slow
+
+# Long enough that the run is still training when it is stopped after its first checkpoint
+# (micro checkpoints every 10 steps), short enough that the resumed run ends soon after.
+INTERRUPTED_RUN_STEPS = 100
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +34,54 @@ def dagster_dev(tmp_path_factory):
         yield server
 
 
-def test_a_run_launched_over_graphql_records_which_shards_made_the_checkpoint(dagster_dev, tmp_path):
-    run_id = dagster_dev.launch(ALL_ASSETS)
-    assert dagster_dev.wait(run_id) == "SUCCESS", dagster_dev.log_tail()
-    with dagster_dev.instance() as instance:
-        shards_version = data_version(instance, "token_shards")
-        pretrained = latest_event(instance, "pretrained_checkpoint")
-        assert pretrained.metadata["upstream_token_shards_data_version"].value == shards_version
-        # Dagster's own provenance names the same input version.
-        assert pretrained.tags["dagster/input_data_version/token_shards"] == shards_version
+@dataclass
+class InterruptedTraining:
+    trainer_pids: list[int]  # torchrun and its workers, seen running before the stop
+    stopped_status: str
+    survivors: list[int]
+    resumed_status: str
+    resumed_from: str | None
+
+
+@pytest.fixture(scope="module")
+def interrupted_training(dagster_dev: DagsterServer) -> InterruptedTraining:
+    """Token shards, then a pretraining run stopped from the UI's API after its first checkpoint,
+    then the same run launched again; its materialization is the one the UI tests look at."""
+    data = dagster_dev.launch(["raw_fineweb", "token_shards"])
+    assert dagster_dev.wait(data) == "SUCCESS", dagster_dev.log_tail()
+    long_run = {"ops": {"pretrained_checkpoint": {"config": {"max_steps": INTERRUPTED_RUN_STEPS}}}}
+    runs_dir = dagster_dev.artifacts / "pretrained_checkpoint" / "runs"
+    run_id = dagster_dev.launch(["pretrained_checkpoint"], long_run)
+    deadline = time.monotonic() + 180
+    pids: list[int] = []
+    while time.monotonic() < deadline:
+        pids = training_processes(str(dagster_dev.artifacts))
+        checkpoints = list(runs_dir.glob("*/model_*.pt")) if runs_dir.exists() else []
+        if len(pids) >= 3 and checkpoints:
+            break  # torchrun and both ranks are up, and this run has written a checkpoint
+        time.sleep(0.5)
+    assert len(pids) >= 3, "torchrun and two workers were running"
+    dagster_dev.client.terminate_run(run_id)
+    stopped = dagster_dev.wait(run_id, timeout=120)
+    deadline = time.monotonic() + 30
+    while any(is_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    survivors = [pid for pid in pids if is_alive(pid)]
+
+    rerun = dagster_dev.launch(["pretrained_checkpoint"], long_run)
+    resumed = dagster_dev.wait(rerun)
+    resumed_from = None
+    if resumed == "SUCCESS":
+        with dagster_dev.instance() as instance:
+            resumed_from = latest_event(instance, "pretrained_checkpoint").metadata["resumed_from"].value
+    return InterruptedTraining(pids, stopped, survivors, resumed, resumed_from)
+
+
+def test_terminating_a_training_run_kills_every_worker_and_the_next_run_resumes(interrupted_training):
+    assert interrupted_training.stopped_status in ("CANCELED", "FAILURE")
+    assert not interrupted_training.survivors, "no trainer process outlives the run"
+    assert interrupted_training.resumed_status == "SUCCESS"
+    assert interrupted_training.resumed_from and "model_" in interrupted_training.resumed_from
 
 
 def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
@@ -73,8 +119,9 @@ def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
     shutil.copy(screenshot, docs_copy)
 
 
-def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, tmp_path):
-    """The first test materialized the graph; its pretrained checkpoint's card shows in the UI."""
+def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, interrupted_training, tmp_path):
+    """The resumed training's materialization carries a report card; the UI shows it as a table."""
+    assert interrupted_training.resumed_status == "SUCCESS"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -121,31 +168,3 @@ def training_processes(run_dir_fragment: str) -> list[int]:
         if "nanogpt_core.train" in text and run_dir_fragment in text:
             found.append(int(cmdline.parent.name))
     return found
-
-
-def test_terminating_a_training_run_kills_every_worker_and_the_next_run_resumes(dagster_dev):
-    long_run = {"ops": {"pretrained_checkpoint": {"config": {"max_steps": 300}}}}
-    runs_dir = dagster_dev.artifacts / "pretrained_checkpoint" / "runs"
-    earlier_runs = set(runs_dir.iterdir()) if runs_dir.exists() else set()
-    run_id = dagster_dev.launch(["pretrained_checkpoint"], long_run)
-    deadline = time.monotonic() + 180
-    pids: list[int] = []
-    while time.monotonic() < deadline:
-        pids = training_processes(str(dagster_dev.artifacts))
-        this_run = [d for d in runs_dir.iterdir() if d not in earlier_runs] if runs_dir.exists() else []
-        if len(pids) >= 3 and this_run and list(this_run[0].glob("model_*.pt")):
-            break  # torchrun and both ranks are up, and this run has written a checkpoint
-        time.sleep(0.5)
-    assert len(pids) >= 3, "torchrun and two workers were running"
-    dagster_dev.client.terminate_run(run_id)
-    assert dagster_dev.wait(run_id, timeout=120) in ("CANCELED", "FAILURE")
-    deadline = time.monotonic() + 30
-    while any(is_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in pids if is_alive(pid)], "no trainer process outlives the run"
-
-    rerun = dagster_dev.launch(["pretrained_checkpoint"], long_run)
-    assert dagster_dev.wait(rerun) == "SUCCESS"
-    with dagster_dev.instance() as instance:
-        resumed_from = latest_event(instance, "pretrained_checkpoint").metadata["resumed_from"].value
-    assert resumed_from and "model_" in resumed_from
