@@ -4,8 +4,8 @@ imported the pipeline.
 Dagster's default starts every step with `spawn`, a fresh interpreter that imports Dagster,
 torch and the pipeline again: about 4 s a step on 2 cores, 40 s of a micro run's 65. With
 `forkserver` that import happens once per run, in the server the steps are forked from (52 s
-and 43 s for the same run, in two runs beside the 65 s one). Steps keep their own processes, so they still run in
-parallel and one step's crash still cannot take the run worker with it.
+and 43 s for the same run, in two runs beside the 65 s one). Steps keep their own processes,
+so they still run in parallel and one step's crash still cannot take the run worker with it.
 
 A run can still ask for everything in one process (`execution: config: in_process: {}`), as
 `./dev demo` does, or for another start method; only an unset start method becomes forkserver.
