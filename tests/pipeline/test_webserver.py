@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import headless_chromium
 from tests.helpers.dagster_dev import DagsterServer, run_dagster_dev
 from tests.helpers.processes import is_alive
 
@@ -85,14 +86,8 @@ def test_terminating_a_training_run_kills_every_worker_and_the_next_run_resumes(
 
 
 def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     screenshot = tmp_path / "dagster_asset_graph.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                          "--disable-background-networking", "--disable-component-update",
-                                          "--disable-sync"])
+    with headless_chromium() as browser:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"{dagster_dev.url}/asset-groups", wait_until="networkidle", timeout=60_000)
         page.get_by_text("training", exact=True).first.wait_for(timeout=30_000)
@@ -111,7 +106,6 @@ def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
         html = page.content()
         missing = [asset for asset in ALL_ASSETS if asset not in html]
         page.screenshot(path=str(screenshot))
-        browser.close()
     assert not missing, f"asset graph lacks {missing}"
     assert screenshot.stat().st_size > 10_000
     docs_copy = PROJECT_ROOT / "docs" / "screenshots" / "dagster_asset_graph.png"
@@ -122,13 +116,7 @@ def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
 def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, interrupted_training, tmp_path):
     """The resumed training's materialization carries a report card; the UI shows it as a table."""
     assert interrupted_training.resumed_status == "SUCCESS"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                          "--disable-background-networking", "--disable-component-update",
-                                          "--disable-sync"])
+    with headless_chromium() as browser:
         page = browser.new_page(viewport={"width": 1500, "height": 1300})
         page.goto(f"{dagster_dev.url}/assets/pretrained_checkpoint", wait_until="networkidle", timeout=60_000)
         dismiss_welcome_dialog(page)
@@ -142,7 +130,6 @@ def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, interru
         row.wait_for(timeout=30_000)
         text = page.locator("table:has(td:text-is('held-out loss (frozen set)'))").last.inner_text()
         page.screenshot(path=str(tmp_path / "report_card.png"), full_page=True)
-        browser.close()
     for row in ("val loss (final / step 0)", "greedy replies", "tokens seen", "throughput", "raw content hash"):
         assert row in text
     assert "|" not in text  # rendered as a table, not shown as markdown source

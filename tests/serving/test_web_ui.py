@@ -7,24 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import headless_chromium
+
 pytestmark = pytest.mark.slow  # against a real server process
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "chat_ui.png"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium package is not installed (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         yield browser
-        browser.close()
 
 
 def test_chat_page_streams_a_reply(browser, deployment, tmp_path):
