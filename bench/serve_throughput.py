@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import platform
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             hf = to_transformers(model)
 
     max_len = PROMPT_LEN + args.tokens + TTFT_PROMPT_LEN + 32
-    engines = {w: Engine(BatchDecoder(model, max_batch=args.streams, max_len=max_len, weights=w),
+    # Each decoder is built in its engine's thread, as the server builds it (see serving.engine.Engine).
+    engines = {w: Engine(functools.partial(BatchDecoder, model, max_batch=args.streams, max_len=max_len, weights=w),
                          max_queue=args.streams * 2, name=w).start() for w in ("fp32", "int8")}
     weight_bytes = {w: e.decoder.weight_bytes_per_step() for w, e in engines.items()}
     # GPT.generate and transformers read the padded fp32 output layer; the difference is 0.1%.

@@ -23,10 +23,10 @@ for one row and 0.45 ms for eight through oneDNN's reordered weight, against 0.4
 1.13 ms through MKL's `addmm`; the output layer took 5.5-8.5 ms for two to eight rows,
 against 12-18 ms as `W @ x.T` and more through `F.linear`. A single row is sent through
 the output layer twice, as a two-row product, which is faster than the one-row case there.
-Where torch's kernels are AVX2 rather than AVX-512, one-row products instead go through MKL
-on the weights as the model holds them (`plain_single_rows_faster` has the figures), at the
-cost of keeping both layouts of the linear layers (the output layer's plain weight is the
-embedding table, kept anyway).
+Where it measures faster when the model loads (with AVX2 kernels, and on some AVX-512
+machines), one-row products instead go through MKL on the weights as the model holds them
+(`plain_single_rows_faster` has the figures), at the cost of keeping both layouts of the linear
+layers (the output layer's plain weight is the embedding table, kept anyway).
 
 With `weights="int8"` every linear layer and the output layer hold int8 weights instead
 (`serving.int8`): a quarter of the bytes to read per step. The embeddings stay in fp32,
@@ -35,6 +35,8 @@ since a step reads only one of their rows.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +53,33 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def plain_single_rows_faster() -> bool:
-    """Whether one-row products should skip oneDNN's reordered weights for MKL on the plain ones.
+def plain_single_rows_faster(weights: list[torch.Tensor], batch_hint: int, rounds: int = 5) -> bool:
+    """Whether one-row products run faster through MKL on the weights as the model holds them than
+    through oneDNN's weights reordered for small batches, timed on `weights` (one block's matrices).
 
-    With AVX2 kernels (forced on a 2-vCPU Xeon) a decode step through oneDNN's weights
-    reordered for small batches took 97 ms against 78 ms through `F.linear` on the plain
-    weights, and the serving engine ran 0.7x `GPT.generate` at one stream; with AVX-512
-    kernels the two were level. At eight rows the reordered weights stay faster (162 against
-    193 ms), so both layouts are kept where this is true.
+    It depends on the machine, so it is measured when the model loads (a few milliseconds).
+    Decode steps timed whole: with AVX2 kernels (forced on a 2-vCPU Xeon, one thread) 97 ms
+    through the reordered weights against 78 ms through `F.linear`; on a quiet 2-vCPU Xeon with
+    AVX-512 (model 167, two threads) the 48 one-row products of the 124M shape took 17.4 ms
+    reordered against 13.9 ms plain, while on another Xeon with AVX-512, under load, the two were
+    level. At eight rows the reordered weights stay faster (162 against 193 ms with AVX2), so both
+    layouts are kept when this is true. The two are timed in alternation, so that a neighbour's
+    load falls on both.
     """
-    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    cases = [(w.contiguous(), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint),
+              torch.randn(1, w.size(1), dtype=w.dtype)) for w in weights]
+    plain_s, reordered_s = [], []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms both up and is not counted
+            started = time.perf_counter()
+            for plain, _, x in cases:
+                F.linear(x, plain)
+            plain_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for _, reordered, x in cases:
+                torch.ops.mkldnn._linear_pointwise(x, reordered, None, "none", [], "")
+            reordered_s.append(time.perf_counter() - started)
+    return statistics.median(plain_s[1:]) < statistics.median(reordered_s[1:])
 
 
 class _Linear:
@@ -135,10 +154,13 @@ class BatchDecoder:
         if use_onednn is None:
             use_onednn = onednn_available(self.wte.device, self.wte.dtype)
         self.use_onednn = use_onednn
-        if plain_single_row is None:
-            plain_single_row = use_onednn and plain_single_rows_faster()
-        self.plain_single_row = plain_single_row
         hint = max(2, max_batch)
+        if plain_single_row is None:
+            first = t.h[0]
+            plain_single_row = use_onednn and weights == "fp32" and plain_single_rows_faster(
+                [first.attn.c_attn.weight.detach(), first.attn.c_proj.weight.detach(),
+                 first.mlp.c_fc.weight.detach(), first.mlp.c_proj.weight.detach()], hint)
+        self.plain_single_row = plain_single_row
 
         def make(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> _Linear | Int8Linear:
             if weights == "int8":
