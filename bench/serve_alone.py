@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_model  # noqa: E402
-from serve_throughput import (PROMPT_LEN, core_kv_cache_rate, engine_run, prompt_tokens,  # noqa: E402
-                              read_bandwidth, to_transformers, transformers_rate)
+from serve_throughput import (PROMPT_LEN, core_kv_cache_rate, engine_run, kv_bytes_per_step,  # noqa: E402
+                              prompt_tokens, read_bandwidth, to_transformers, transformers_rate)
 
 from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 from serving.engine import Engine  # noqa: E402
@@ -72,6 +72,11 @@ def main() -> None:
         print(json.dumps({"rate": measure(args.child, args.tokens)}))
         return
 
+    # What a batch-1 step reads, as serve_throughput.py counts it: the decoder's weights and the
+    # cache at the average context.
+    config = GPTConfig()
+    weight_bytes = BatchDecoder(GPT(config).eval(), max_batch=1).weight_bytes_per_step()
+    step_bytes = weight_bytes + kv_bytes_per_step(config, PROMPT_LEN + args.tokens / 2)
     rates: dict[str, list[float]] = {m: [] for m in METHODS}
     bandwidth = 0.0
     for round_ in range(args.rounds):
@@ -80,11 +85,10 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", method, "--tokens", str(args.tokens),
                                   "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             rates[method].append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
-        bandwidth = max(bandwidth, read_bandwidth(494_000_000))
+        bandwidth = max(bandwidth, read_bandwidth(weight_bytes))
         print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
 
-    weight_bytes = 494_000_000 + 3_500_000  # the 124M shape's fp32 weights and its cache (serve_throughput.py)
-    bound = bandwidth / weight_bytes
+    bound = bandwidth / step_bytes
     reference = statistics.median(rates["transformers generate"])
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {args.threads}, "
           f"kernels {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")

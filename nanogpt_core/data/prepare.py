@@ -26,8 +26,8 @@ from typing import Any
 
 from nanogpt_core.data.demo_corpus import iter_demo_documents
 from nanogpt_core.data.raw import RawDataError, RawStats, iter_raw_texts, read_raw_stats, write_raw_parquet
-from nanogpt_core.data.text_sources import (LOCAL_SUFFIXES, SOURCES, TextSourceError, describe_source,
-                                            iter_documents, iter_local_documents)
+from nanogpt_core.data.text_files import LOCAL_SUFFIXES, TextSourceError, iter_local_documents
+from nanogpt_core.data.text_sources import SOURCES, describe_source, iter_documents
 from nanogpt_core.shards import DEFAULT_SHARD_TOKENS, ShardError, ShardManifest, build_shards
 
 

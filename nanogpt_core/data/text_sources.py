@@ -25,11 +25,12 @@ from urllib.parse import urlsplit
 
 from nanogpt_core.data.documents import Document
 from nanogpt_core.data.folder_source import scan_folder
-from nanogpt_core.data.text_files import (LOCAL_SUFFIXES, TextSourceError, iter_local_documents, local_files,
+from nanogpt_core.data.text_files import (TextSourceError, iter_local_documents, local_files,
                                           one_line)
 
-__all__ = ["SOURCES", "PATH_SOURCES", "LOCAL_SUFFIXES", "TextSourceError", "SourceUnavailableError",
-           "iter_documents", "describe_source", "iter_local_documents"]
+# TextSourceError is what iter_documents raises, so callers catch it from here.
+__all__ = ["SOURCES", "PATH_SOURCES", "TextSourceError", "SourceUnavailableError", "iter_documents",
+           "describe_source"]
 
 SOURCES = ("fineweb-edu", "local", "demo", "folder")
 PATH_SOURCES = ("local", "folder")  # the sources that read files, and so need a path
