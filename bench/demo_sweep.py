@@ -172,7 +172,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 *shape_args(args.n_layer, args.n_embd, args.seq_len, args.micro_batch_size),
                 "--total-batch-size", str(args.total_batch_size), "--max-steps", str(steps),
                 "--warmup-steps", str(max(1, steps // 20)), "--max-lr", str(args.lr), "--min-lr", str(args.lr / 10),
-                "--val-every", str(args.val_every or steps), "--val-steps", str(args.val_steps),
+                "--muon-lr", str(args.muon_lr), "--val-every", str(args.val_every or steps),
+                "--val-steps", str(args.val_steps),
                 "--checkpoint-every", str(steps)]
     pre_wall = run_logged(torchrun("nanogpt_core.train", *pre_args), run / "pretrain.log", 3600)
     pre_metrics = read_metrics(run / "pretrain")
@@ -186,8 +187,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     entry: dict[str, Any] = {
         "kind": "run", "name": args.name, "cpu": cpu_model(),
         "config": {k: getattr(args, k) for k in ("n_layer", "n_embd", "seq_len", "micro_batch_size",
-                                                 "total_batch_size", "lr", "val_every", "val_steps", "ft_epochs",
-                                                 "ft_lr", "ft_batch")},
+                                                 "total_batch_size", "lr", "muon_lr", "val_every", "val_steps",
+                                                 "ft_epochs", "ft_lr", "ft_batch")},
         "steps": steps, "tokens": steps * args.total_batch_size,
         "pretrain_step_s_here": median_step_s(pre_metrics), "pretrain_wall_s": pre_wall,
         "val_loss": payload["metrics"].get("val_loss"), "train_loss": payload["metrics"].get("train_loss"),
@@ -257,13 +258,15 @@ def cmd_table(args: argparse.Namespace) -> None:
                       f"{r['reference_step_s']:.3f} | {r['avx2_step_s']:.3f} |")
     runs = [e for e in entries if e["kind"] == "run"]
     if runs:
-        print("\n| run | shape | T | batch | lr | steps | tokens | held-out loss | val loss | ft epochs | ft lr "
-              "| ft steps | replies ok | pretrain s here | ft s here |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\n| run | shape | T | batch | lr | muon lr | steps | tokens | held-out loss | val loss | ft epochs "
+              "| ft lr | ft steps | replies ok | pretrain s here | ft s here |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+              "| ---: |")
         for e in runs:
             c = e["config"]
             cells = [e["name"], f"{c['n_layer']}x{c['n_embd']}", c["seq_len"], c["total_batch_size"], f"{c['lr']:g}",
-                     e["steps"], f"{e['tokens']:,}", f"{e['held_out_loss']:.3f}", f"{e['val_loss']:.3f}"]
+                     f"{c.get('muon_lr', 0):g}", e["steps"], f"{e['tokens']:,}", f"{e['held_out_loss']:.3f}",
+                     f"{e['val_loss']:.3f}"]
             if "ft_steps" in e:
                 cells += [c["ft_epochs"], f"{c['ft_lr']:g}", e["ft_steps"], f"{rejudged(e['replies'])}/10",
                           f"{e['pretrain_wall_s']:.0f}", f"{e['ft_wall_s']:.0f}"]
@@ -290,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--micro-batch-size", type=int, default=8)
     run.add_argument("--total-batch-size", type=int, default=4096)
     run.add_argument("--lr", type=float, default=2e-3)
+    run.add_argument("--muon-lr", type=float, default=0.0, help="Muon for the blocks' matrices at this rate; "
+                                                                   "0: AdamW for every parameter")
     run.add_argument("--val-every", type=int, default=0, help="0: validate at the start and the end only")
     run.add_argument("--val-steps", type=int, default=2)
     run.add_argument("--steps", type=int, default=0, help="0: as many as the budget allows")

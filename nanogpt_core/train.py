@@ -248,7 +248,7 @@ def _train(cfg: TrainConfig, out_dir: Path, data_dir: Path, resume: bool, observ
     # Every rank seeds identically, so every rank builds identical initial weights.
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config()).to(ctx.device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.max_lr, ctx.device_type)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.max_lr, ctx.device_type, muon_lr=cfg.muon_lr)
     train_loader = ShardLoader(data_dir, "train", cfg.micro_batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                                cfg.vocab_size)
     # A small corpus's held-out split may not fill one training batch; validation then uses what there is.
@@ -378,7 +378,7 @@ def run_training(model: GPT, optimizer: torch.optim.Optimizer, plan: LoopPlan, t
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip).item()
         lr = plan.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ctx.device_type == "cuda":

@@ -179,3 +179,17 @@ def test_a_small_corpus_with_default_shard_settings_trains_on_micro(shared_data,
     assert f"the val split of {data} holds {manifest['tokens']['val']} tokens" in result.stderr
     final = read_checkpoint(list_checkpoints(tmp_path / "run")[-1])
     assert final["step"] == 1 and math.isfinite(final["metrics"]["val_loss"])
+
+
+def test_with_a_muon_rate_the_blocks_train_under_muon_on_the_shared_schedule(demo_shards, tmp_path):
+    out = tmp_path / "muon"
+    run_module("nanogpt_core.train", "--profile", "micro", "--max-steps", "6", "--checkpoint-every", "6",
+               "--val-every", "6", "--muon-lr", "0.03", "--data", str(demo_shards), "--out", str(out), nproc=2)
+    final = read_checkpoint(list_checkpoints(out)[-1])
+    assert final["optimizer"]["kinds"] == ["AdamW", "Muon"]
+    adamw_state, muon_state = final["optimizer"]["pair"]
+    last_lr = [m for m in read_metrics(out) if "lr" in m][-1]["lr"]
+    assert muon_state["param_groups"][0]["lr"] == pytest.approx(last_lr * 0.03 / final["train_config"]["max_lr"])
+    assert all(group["lr"] == pytest.approx(last_lr) for group in adamw_state["param_groups"])
+    assert len(muon_state["state"]) == 4 * final["model_config"]["n_layer"]  # four matrices a block
+    assert final["metrics"]["val_loss"] < final["metrics"]["initial_val_loss"]
