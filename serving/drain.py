@@ -37,7 +37,10 @@ def shutdown_deadlines(graceful_timeout_s: float) -> tuple[float, float]:
     """
     if graceful_timeout_s <= 0:
         raise ValueError(f"graceful timeout must be positive, got {graceful_timeout_s}")
-    margin = min(5.0, max(1.0, 0.2 * graceful_timeout_s))
+    # What is left after the drain deadline: the final events written, the lifespan's shutdown,
+    # the interpreter's exit. From the deadline to the process gone took 1.3 s on a 2-vCPU EPYC
+    # (Zen 3) running the test suite beside it, so short timeouts keep at least 1.5 s of it.
+    margin = min(5.0, max(1.5, 0.2 * graceful_timeout_s))
     return max(0.0, graceful_timeout_s - margin), max(0.0, graceful_timeout_s - margin / 2)
 
 

@@ -31,7 +31,7 @@ FORBIDDEN = {
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("", "atomic_file", "content_hash", "lineage", "hardware", "rng", "schedule", "losses",
                      "distributed", "tokenizer", "durations", "data.documents")),
-    ("the model", ("model", "prompts")),
+    ("the model", ("optim", "model", "prompts")),
     ("formats", ("checkpoint", "deployment_manifest", "shards", "shards.*")),
     ("data sources", ("data", "data.*")),
     ("uses of a trained model", ("eval", "eval.*", "hf", "hf.*", "sample", "reply_quality", "report_card")),

@@ -74,7 +74,7 @@ def test_responses_that_end_in_time_are_left_as_they_are():
 
 def test_deadlines_leave_the_worker_time_to_exit_before_gunicorn_kills_it():
     assert shutdown_deadlines(30) == (25.0, 27.5)
-    assert shutdown_deadlines(4) == (3.0, 3.5)
-    assert shutdown_deadlines(1) == (0.0, 0.5)
+    assert shutdown_deadlines(4) == (2.5, 3.25)
+    assert shutdown_deadlines(1) == (0.0, 0.25)
     with pytest.raises(ValueError, match="graceful timeout must be positive"):
         shutdown_deadlines(0)
