@@ -6,10 +6,15 @@ come out slower: a decode step that takes about 22 ms in a process where nothing
 torch took about 27 ms after the main thread had run eight tokens of `GPT.generate` (2-vCPU
 Xeon, AVX-512, 2 torch threads; the cause was not pinned down, and torch's thread settings did
 not change it). A server's main thread runs only the event loop, so this script gives each
-method a process of its own, alternating rounds, and reports medians:
+method a process of its own, alternating rounds, and reports medians. The engine runs three
+ways, which differ only in the weight layout its single rows go through
+(`serving.linear_layouts`; products of several rows always use oneDNN's batch layout):
 
-    engine, decoder built on the main thread   the engine as it was built before
-    engine, decoder built in the engine thread  as serving/deployments.py builds it now
+    engine, single-row layouts timed per role   as the server runs it: the fastest layout for
+                                                each role, timed when the model loads
+    engine, plain weights for single rows       `F.linear` (MKL) on the model's own weights, the
+                                                choice before per-role timing on most machines
+    engine, batch layout for every product      oneDNN's batch layout for single rows too
     GPT.generate / transformers generate        the references, on the main thread
 
     python bench/serve_alone.py --rounds 3
@@ -39,16 +44,19 @@ from nanogpt_core.model import GPT, GPTConfig  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 from serving.kv_decoder import BatchDecoder  # noqa: E402
 
-METHODS = ("engine, decoder built on the main thread", "engine, decoder built in the engine thread",
-           "GPT.generate", "transformers generate")
+# The engine's variants, by the single-row layouts they are built with (None: timed per role).
+ENGINE_VARIANTS = {"engine, single-row layouts timed per role": None,
+                   "engine, plain weights for single rows": "plain",
+                   "engine, batch layout for every product": "onednn-batch"}
+METHODS = (*ENGINE_VARIANTS, "GPT.generate", "transformers generate")
 
 
 def measure(method: str, tokens: int) -> float:
     torch.manual_seed(0)
     model = GPT(GPTConfig()).eval()
-    if method.startswith("engine"):
-        build = functools.partial(BatchDecoder, model, max_batch=8)
-        engine = Engine(build() if "main thread" in method else build).start()
+    if method in ENGINE_VARIANTS:
+        # Built in the engine's thread, as serving/deployments.py builds it.
+        engine = Engine(functools.partial(BatchDecoder, model, max_batch=8, one_row=ENGINE_VARIANTS[method])).start()
         try:
             engine_run(engine, [prompt_tokens(PROMPT_LEN)], 4)  # warm-up
             rate, _ = engine_run(engine, [prompt_tokens(PROMPT_LEN)], tokens)

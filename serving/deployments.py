@@ -40,6 +40,7 @@ class ServedModel:
     context_length: int
     created: int
     weights: str = "fp32"
+    weight_layouts: dict[str, str] = field(default_factory=dict)
     step: int | None = None
     deployment_id: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +54,8 @@ class ServedModel:
 
     def card(self, name: str) -> ModelCard:
         return ModelCard(id=name, created=self.created, checkpoint=self.checkpoint_name,
-                         context_length=self.context_length, weights=self.weights, deployment_id=self.deployment_id,
+                         context_length=self.context_length, weights=self.weights,
+                         weight_layouts=self.weight_layouts, deployment_id=self.deployment_id,
                          lineage={"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
                          scores=self.scores, deployed_at=self.deployed_at, report_card=self.report_card)
 
@@ -72,7 +74,8 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
                     metrics=metrics, name=name).start()
     decoder = engine.decoder
     del model  # the decoder keeps its own copies of the weights it needs
-    log.info("loaded %s in %.1f s", path, time.monotonic() - started)
+    log.info("loaded %s in %.1f s (%s weights%s)", path, time.monotonic() - started, decoder.weights,
+             f"; single rows through {decoder.one_row_layouts}" if decoder.one_row_layouts else "")
     lineage = dict(payload.get("lineage") or {})
     if payload.get("metrics"):
         lineage.setdefault("metrics", payload["metrics"])
@@ -85,6 +88,7 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
         engine=engine,
         context_length=decoder.max_len,
         weights=decoder.weights,
+        weight_layouts=dict(decoder.one_row_layouts),
         created=_timestamp(payload.get("created")) or int(path.stat().st_mtime),
         step=payload.get("step"),
         deployment_id=manifest.deployment_id if manifest else None,

@@ -11,22 +11,12 @@ into its place, so every step reads the cache through plain views and copies not
 prompt is prefilled (in chunks, between decode steps) into one extra staging slot that
 decode steps never touch, then copied into as many active slots as it has samples.
 
-The weights are taken from a `GPT` once and laid out for matrix products with few rows.
-On a CPU every linear layer, the output layer included, runs through oneDNN with its
-weight reordered ahead of time for small batches (`torch.ops.mkldnn`, the kernels that
-torch.compile uses on CPUs); elsewhere, or where torch lacks oneDNN, `addmm` on a
-transposed copy does the same job. The output layer only covers the 50257 real
-vocabulary rows, so a padded id can never come out.
-
-Measured on a 2-core AMD EPYC with torch 2.13: an MLP matrix (3072 x 768) took 0.27 ms
-for one row and 0.45 ms for eight through oneDNN's reordered weight, against 0.40 and
-1.13 ms through MKL's `addmm`; the output layer took 5.5-8.5 ms for two to eight rows,
-against 12-18 ms as `W @ x.T` and more through `F.linear`. A single row is sent through
-the output layer twice, as a two-row product, which is faster than the one-row case there.
-Where it measures faster when the model loads (with AVX2 kernels, and on some AVX-512
-machines), one-row products instead go through MKL on the weights as the model holds them
-(`plain_single_rows_faster` has the figures), at the cost of keeping both layouts of the linear
-layers (the output layer's plain weight is the embedding table, kept anyway).
+The weights are taken from a `GPT` once and laid out for matrix products with few rows
+(`serving.linear_layouts`): on a CPU, oneDNN's weights reordered ahead of time for small
+batches serve products of several rows, and single rows go through whichever layout ran
+fastest on this machine when the model loaded, chosen per role (every block's query/key/value
+matrix, ..., the output layer). The output layer only covers the 50257 real vocabulary rows,
+so a padded id can never come out.
 
 With `weights="int8"` every linear layer and the output layer hold int8 weights instead
 (`serving.int8`): a quarter of the bytes to read per step. The embeddings stay in fp32,
@@ -35,8 +25,7 @@ since a step reads only one of their rows.
 
 from __future__ import annotations
 
-import statistics
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,91 +33,22 @@ from torch.nn import functional as F
 
 from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from serving.int8 import Int8Linear
+from serving.linear_layouts import FloatLinear, OneRowChoice, choose_one_row_layouts, onednn_available
 from serving.settings import WEIGHT_FORMATS
-
-
-def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def plain_single_rows_faster(weights: list[torch.Tensor], batch_hint: int, rounds: int = 5) -> bool:
-    """Whether one-row products run faster through MKL on the weights as the model holds them than
-    through oneDNN's weights reordered for small batches, timed on `weights` (one block's matrices).
-
-    It depends on the machine, so it is measured when the model loads (a few milliseconds).
-    Decode steps timed whole: with AVX2 kernels (forced on a 2-vCPU Xeon, one thread) 97 ms
-    through the reordered weights against 78 ms through `F.linear`; on a quiet 2-vCPU Xeon with
-    AVX-512 (model 167, two threads) the 48 one-row products of the 124M shape took 17.4 ms
-    reordered against 13.9 ms plain, while on another Xeon with AVX-512, under load, the two were
-    level. At eight rows the reordered weights stay faster (162 against 193 ms with AVX2), so both
-    layouts are kept when this is true. The two are timed in alternation, so that a neighbour's
-    load falls on both.
-    """
-    cases = [(w.contiguous(), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint),
-              torch.randn(1, w.size(1), dtype=w.dtype)) for w in weights]
-    plain_s, reordered_s = [], []
-    with torch.inference_mode():
-        for _ in range(rounds + 1):  # the first round warms both up and is not counted
-            started = time.perf_counter()
-            for plain, _, x in cases:
-                F.linear(x, plain)
-            plain_s.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            for _, reordered, x in cases:
-                torch.ops.mkldnn._linear_pointwise(x, reordered, None, "none", [], "")
-            reordered_s.append(time.perf_counter() - started)
-    return statistics.median(plain_s[1:]) < statistics.median(reordered_s[1:])
-
-
-class _Linear:
-    """y = x @ W.T + b, optionally followed by GELU (tanh form), for inputs of a few rows."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
-                 use_onednn: bool, batch_hint: int, plain_single_row: bool = False):
-        weight = weight.detach()
-        self.weight_numel, self.weight_itemsize = weight.numel(), weight.element_size()
-        self.bias = bias.detach() if bias is not None else None
-        self.gelu = gelu
-        self.use_onednn = use_onednn
-        # The (out, in) weight as the model holds it, for one-row products (no copy: a view).
-        self.plain = weight.contiguous() if use_onednn and plain_single_row else None
-        if use_onednn:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
-        else:
-            self.weight = weight.t().contiguous()  # (in, out): addmm reads it row by row
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        if self.plain is not None and x.size(0) == 1:
-            y = F.linear(x, self.plain, self.bias)
-            return F.gelu(y, approximate="tanh") if self.gelu else y
-        if self.use_onednn:
-            if self.gelu:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else torch.mm(x, self.weight)
-        return F.gelu(y, approximate="tanh") if self.gelu else y
-
-    @property
-    def nbytes(self) -> int:
-        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return self.weight_numel * self.weight_itemsize + bias
 
 
 @dataclass
 class _LayerWeights:
     ln_1_weight: torch.Tensor
     ln_1_bias: torch.Tensor
-    attn: _Linear | Int8Linear  # n_embd -> 3 * n_embd (q, k, v)
-    attn_proj: _Linear | Int8Linear
+    attn: FloatLinear | Int8Linear  # n_embd -> 3 * n_embd (q, k, v)
+    attn_proj: FloatLinear | Int8Linear
     ln_2_weight: torch.Tensor
     ln_2_bias: torch.Tensor
-    fc: _Linear | Int8Linear  # n_embd -> 4 * n_embd, GELU fused
-    mlp_proj: _Linear | Int8Linear
+    fc: FloatLinear | Int8Linear  # n_embd -> 4 * n_embd, GELU fused
+    mlp_proj: FloatLinear | Int8Linear
 
-    def linears(self) -> tuple[_Linear | Int8Linear, ...]:
+    def linears(self) -> tuple[FloatLinear | Int8Linear, ...]:
         return self.attn, self.attn_proj, self.fc, self.mlp_proj
 
 
@@ -136,7 +56,7 @@ class BatchDecoder:
     """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
 
     def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None,
-                 weights: str = "fp32", plain_single_row: bool | None = None):
+                 weights: str = "fp32", one_row: str | Mapping[str, str] | None = None):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         config: GPTConfig = model.config
@@ -155,20 +75,13 @@ class BatchDecoder:
             use_onednn = onednn_available(self.wte.device, self.wte.dtype)
         self.use_onednn = use_onednn
         hint = max(2, max_batch)
-        if plain_single_row is None:
-            first = t.h[0]
-            plain_single_row = use_onednn and weights == "fp32" and plain_single_rows_faster(
-                [first.attn.c_attn.weight.detach(), first.attn.c_proj.weight.detach(),
-                 first.mlp.c_fc.weight.detach(), first.mlp.c_proj.weight.detach()], hint)
-        self.plain_single_row = plain_single_row
 
-        def make(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> _Linear | Int8Linear:
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> FloatLinear | Int8Linear:
             if weights == "int8":
                 return Int8Linear(weight, bias, gelu=gelu)
-            return _Linear(weight, bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint,
-                           plain_single_row=plain_single_row)
+            return FloatLinear(weight, bias, gelu=gelu, use_onednn=use_onednn, batch_hint=hint)
 
-        def linear(layer: torch.nn.Linear, gelu: bool = False) -> _Linear | Int8Linear:
+        def linear(layer: torch.nn.Linear, gelu: bool = False) -> FloatLinear | Int8Linear:
             return make(layer.weight, layer.bias, gelu)
 
         self.lm_head = make(model.lm_head.weight[: self.vocab_size], None)
@@ -183,6 +96,10 @@ class BatchDecoder:
             )
             for b in t.h
         ]
+        self.one_row_choices: dict[str, OneRowChoice] = {}  # with the timings, where they were timed
+        self.one_row_layouts: dict[str, str] = {}  # role -> layout for single rows (fp32 only)
+        if weights == "fp32":
+            self._choose_one_row_layouts(model, one_row)
         dtype = self.wte.dtype
         shape = (config.n_layer, max_batch + 1, self.n_head, self.max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=self.wte.device)
@@ -194,6 +111,35 @@ class BatchDecoder:
     def weight_bytes_per_step(self) -> int:
         """Bytes of weights a decode step reads: every linear layer and the output layer once."""
         return sum(linear.nbytes for w in self.layers for linear in w.linears()) + self.lm_head.nbytes
+
+    def _choose_one_row_layouts(self, model: GPT, one_row: str | Mapping[str, str] | None) -> None:
+        """Give each role's matrices their layout for single rows: the fastest when timed here
+        (on a CPU, when `one_row` is None), or the one `one_row` names (for every role, or by role)."""
+        blocks = model.transformer.h
+        roles = {
+            "attn": [(b.attn.c_attn.weight, w.attn) for b, w in zip(blocks, self.layers)],
+            "attn_proj": [(b.attn.c_proj.weight, w.attn_proj) for b, w in zip(blocks, self.layers)],
+            "fc": [(b.mlp.c_fc.weight, w.fc) for b, w in zip(blocks, self.layers)],
+            "mlp_proj": [(b.mlp.c_proj.weight, w.mlp_proj) for b, w in zip(blocks, self.layers)],
+            "lm_head": [(model.lm_head.weight[: self.vocab_size], self.lm_head)],
+        }
+        if one_row is None:
+            if self.wte.device.type == "cpu":
+                self.one_row_choices = choose_one_row_layouts(roles)
+            # (on an accelerator every role keeps its batch layout: nothing to time on asynchronous kernels)
+            layouts = {role: choice.layout for role, choice in self.one_row_choices.items()}
+        elif isinstance(one_row, str):
+            layouts = dict.fromkeys(roles, one_row)
+        else:
+            unknown = set(one_row) - set(roles)
+            if unknown:
+                raise ValueError(f"no matrices with the role {', '.join(sorted(unknown))}; "
+                                 f"the roles are {', '.join(roles)}")
+            layouts = dict(one_row)
+        for role, layout in layouts.items():
+            for weight, linear in roles[role]:
+                linear.use_for_one_row(layout, weight)
+        self.one_row_layouts = {role: matrices[0][1].one_row_layout for role, matrices in roles.items() if matrices}
 
     # --- slot bookkeeping -------------------------------------------------------------
 
@@ -319,9 +265,4 @@ class BatchDecoder:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.n_embd,), self.ln_f[0], self.ln_f[1], self.eps)
-        rows = x.size(0)
-        if rows == 1 and isinstance(self.lm_head, _Linear) and self.lm_head.plain is None:
-            # One row would be a matrix-vector product, which the libraries here run at
-            # about half the speed of a two-row product; the duplicate row costs nothing.
-            x = torch.cat([x, x])
-        return self.lm_head(x)[:rows]
+        return self.lm_head(x)

@@ -211,6 +211,9 @@ class ModelCard(BaseModel):
     checkpoint: str
     context_length: int
     weights: str = "fp32"  # how the engine holds the weights: fp32 as trained, or int8
+    # fp32: the layout each role's single-row products go through, timed fastest on this machine
+    # when the model loaded (serving.linear_layouts); empty for int8
+    weight_layouts: dict[str, str] = {}
     deployment_id: str | None = None
     lineage: dict | None = None
     scores: dict | None = None

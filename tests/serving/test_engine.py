@@ -11,7 +11,8 @@ import torch
 from nanogpt_core.model import GPT, GPTConfig
 import serving.engine
 from serving.engine import Engine, EngineClosed, EngineFailed, Generation, QueueFull, RequestRejected
-from serving.kv_decoder import BatchDecoder, onednn_available
+from serving.kv_decoder import BatchDecoder
+from serving.linear_layouts import onednn_available
 from serving.sampling import SamplingParams
 
 

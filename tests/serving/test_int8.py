@@ -12,6 +12,7 @@ from nanogpt_core.model import GPT, GPTConfig
 from serving.app import create_app
 from serving.int8 import Int8Linear, int8_available, quantize_rows
 from serving.kv_decoder import BatchDecoder
+from serving.linear_layouts import LAYOUTS
 from serving.settings import ServerSettings, SettingsError, settings_from_environment
 from tests.serving.conftest import API_KEYS, ServerProcess, make_checkpoint
 from tests.serving.engine_helpers import (
@@ -110,6 +111,7 @@ def test_a_server_started_with_int8_weights_says_so_and_answers(tmp_path):
         headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
         card = httpx.get(f"{server.url}/v1/models/nanogpt", headers=headers, timeout=10).json()
         assert card["weights"] == "int8"
+        assert card["weight_layouts"] == {}
         reply = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60, json={
             "model": "nanogpt", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
             "temperature": 0})
@@ -123,3 +125,6 @@ def test_a_server_started_with_int8_weights_says_so_and_answers(tmp_path):
 def test_the_default_server_serves_fp32_weights(deployment):
     card = httpx.get(f"{deployment.base_url}/models/nanogpt", headers=deployment.headers(), timeout=10).json()
     assert card["weights"] == "fp32"
+    # where single rows go, as timed when the model loaded, for every role of matrix
+    assert set(card["weight_layouts"]) == {"attn", "attn_proj", "fc", "mlp_proj", "lm_head"}
+    assert set(card["weight_layouts"].values()) <= set(LAYOUTS)

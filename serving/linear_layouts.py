@@ -1,0 +1,172 @@
+"""How the fp32 server lays out its weight matrices, and which layout serves single rows.
+
+A decode step multiplies a few rows (one per stream) by every weight matrix once, a prefill
+hundreds of rows. Which kernel and weight layout is fastest depends on the number of rows and
+on the CPU, and no one layout wins everywhere (figures in docs/BENCHMARKS.md, "Serving"):
+
+  "onednn-batch"    oneDNN's weight reordered ahead of time for a small batch (`batch_hint` rows;
+                    the kernels torch.compile uses on CPUs)
+  "onednn-one-row"  the same, reordered for a single row
+  "plain"           the (out, in) weight as the model holds it, through `F.linear` (MKL)
+  "transposed"      an (in, out) copy, through `addmm`
+
+On a 2-vCPU Xeon with AVX-512, streaming the 124M shape's weights from memory one row at a
+time, "transposed" ran every matrix fastest (16 ms for all 49 products, against 19 ms for
+"onednn-batch" and 21-25 ms for "plain"); at eight rows and at 256, "onednn-batch" was the
+fastest by 25% and more. On a 2-vCPU AMD EPYC (Zen 3), the output layer's one-row product was
+fastest as "onednn-one-row" (9.9 ms, against 11.7 transposed, 12.5 batch, 15.9 plain).
+
+So every matrix keeps its batch layout ("onednn-batch", or "transposed" where torch has no
+oneDNN) for products of several rows, and single rows go through whichever layout ran the
+fastest when the model loaded (`choose_one_row_layouts`), timed role by role (every block's
+query/key/value matrix, every MLP input matrix, ..., the output layer). A one-row layout other
+than the batch layout costs a second copy of those matrices; "plain" costs nothing while the
+model's own weights are alive.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+Layout = Literal["onednn-batch", "onednn-one-row", "plain", "transposed"]
+LAYOUTS: tuple[Layout, ...] = ("onednn-batch", "onednn-one-row", "plain", "transposed")
+ONEDNN_LAYOUTS: tuple[Layout, ...] = ("onednn-batch", "onednn-one-row")
+
+# Time a role over enough of its matrices that they come from memory, as in a decode step,
+# rather than from a cache that one matrix timed over and over would sit in.
+TIMED_BYTES = 64 * 2**20
+
+
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def check_layout(layout: str, use_onednn: bool) -> Layout:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}; the layouts are {', '.join(LAYOUTS)}")
+    if layout in ONEDNN_LAYOUTS and not use_onednn:
+        raise ValueError(f"weight layout {layout!r} needs oneDNN, which this decoder does not use")
+    return layout  # type: ignore[return-value]
+
+
+def prepare(layout: Layout, weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    """The (out, in) `weight` laid out for `layout`'s kernel."""
+    weight = weight.detach().contiguous()
+    if layout == "onednn-batch":
+        return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+    if layout == "onednn-one-row":
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    if layout == "transposed":
+        return weight.t().contiguous()
+    return weight  # plain: a view of the model's own weight, no copy
+
+
+def multiply(layout: Layout, prepared: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+             gelu: bool = False) -> torch.Tensor:
+    """x @ W.T + bias through `layout`'s kernel, optionally followed by GELU (tanh form)."""
+    if layout in ONEDNN_LAYOUTS:  # GELU fused into the product
+        return torch.ops.mkldnn._linear_pointwise(x, prepared, bias, "gelu" if gelu else "none", [],
+                                                  "tanh" if gelu else "")
+    if layout == "plain":
+        y = F.linear(x, prepared, bias)
+    else:
+        y = torch.addmm(bias, x, prepared) if bias is not None else torch.mm(x, prepared)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+class FloatLinear:
+    """y = x @ W.T + b (optionally then GELU) for fp32 inputs of any number of rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
+                 use_onednn: bool, batch_hint: int):
+        weight = weight.detach()
+        self.weight_numel, self.weight_itemsize = weight.numel(), weight.element_size()
+        self.bias = bias.detach() if bias is not None else None
+        self.gelu = gelu
+        self.use_onednn = use_onednn
+        self.batch_hint = batch_hint
+        self.batch_layout: Layout = "onednn-batch" if use_onednn else "transposed"
+        self.batch_weight = prepare(self.batch_layout, weight, batch_hint)
+        self.one_row_layout: Layout = self.batch_layout
+        self.one_row_weight = self.batch_weight
+
+    def use_for_one_row(self, layout: str, weight: torch.Tensor) -> None:
+        """Send single rows through `layout`, prepared from `weight` (the one given at construction)."""
+        layout = check_layout(layout, self.use_onednn)
+        self.one_row_layout = layout
+        self.one_row_weight = self.batch_weight if layout == self.batch_layout else prepare(
+            layout, weight, self.batch_hint)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if x.size(0) == 1:
+            return multiply(self.one_row_layout, self.one_row_weight, x, self.bias, self.gelu)
+        return multiply(self.batch_layout, self.batch_weight, x, self.bias, self.gelu)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight (and bias) one product reads."""
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.weight_numel * self.weight_itemsize + bias
+
+
+@dataclass(frozen=True)
+class OneRowChoice:
+    """The layout chosen for one role's single rows, and each candidate's time per matrix (ms)."""
+    layout: Layout
+    ms_per_matrix: dict[str, float]
+
+
+def one_row_candidates(use_onednn: bool) -> tuple[Layout, ...]:
+    return LAYOUTS if use_onednn else ("transposed", "plain")
+
+
+def choose_one_row_layouts(roles: Mapping[str, Sequence[tuple[torch.Tensor, FloatLinear]]], *,
+                           rounds: int = 5, timed_bytes: int = TIMED_BYTES) -> dict[str, OneRowChoice]:
+    """Time every candidate layout on single rows, role by role, and pick the fastest for each.
+
+    `roles` maps a role's name to its matrices, each as (the (out, in) weight, its FloatLinear).
+    Each candidate runs over as many of a role's matrices as make up `timed_bytes` (all of them
+    if they are fewer), one after the other; rounds rotate the order of the candidates so that
+    a neighbour's load falls on all of them alike, and the median round counts. The candidates'
+    extra copies live only while their role is timed. About half a second for the 124M shape.
+    """
+    choices: dict[str, OneRowChoice] = {}
+    for role, matrices in roles.items():
+        if not matrices:
+            continue
+        timed, size = [], 0
+        for weight, linear in matrices:
+            timed.append((weight, linear))
+            size += linear.nbytes
+            if size >= timed_bytes:
+                break
+        first = timed[0][1]
+        candidates = one_row_candidates(first.use_onednn)
+        prepared = {layout: [linear.batch_weight if layout == linear.batch_layout
+                             else prepare(layout, weight, linear.batch_hint) for weight, linear in timed]
+                    for layout in candidates}
+        rows = [torch.randn(1, weight.size(1), dtype=weight.dtype) for weight, _ in timed]
+        seconds: dict[str, list[float]] = {layout: [] for layout in candidates}
+        with torch.inference_mode():
+            for round_ in range(rounds + 1):  # the first round warms every kernel up and is not counted
+                order = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]
+                for layout in order:
+                    started = time.perf_counter()
+                    for (_, linear), weight, x in zip(timed, prepared[layout], rows):
+                        multiply(layout, weight, x, linear.bias, linear.gelu)
+                    if round_:
+                        seconds[layout].append(time.perf_counter() - started)
+        del prepared
+        ms = {layout: 1000 * statistics.median(s) / len(timed) for layout, s in seconds.items()}
+        choices[role] = OneRowChoice(layout=min(ms, key=ms.__getitem__), ms_per_matrix=ms)
+    return choices
