@@ -338,7 +338,8 @@ def measure_alone(method: Method, args: argparse.Namespace) -> dict:
     try:
         engine_run(engine, prompts, 4)  # warm-up
         result = {"rate": engine_run(engine, prompts, args.tokens)[0],
-                  "layouts": engine.decoder.one_row_layouts}
+                  "layouts": engine.decoder.one_row_layouts,
+                  "layout_ms": {role: c.ms_per_matrix for role, c in engine.decoder.one_row_choices.items()}}
         if method.times_first_token:
             prefilled = count_prefilled_tokens(engine.decoder)
             engine_run(engine, [prompt_tokens(TTFT_PROMPT_LEN, offset=7)], 1)  # warm-up at the prompt's shapes
@@ -368,6 +369,19 @@ def run_alone(method: Method, args: argparse.Namespace) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"measuring {method.name!r} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_layout_choices(runs: list[dict]) -> None:
+    """What the fp32 engine timed when it loaded, each round: ms per matrix of a one-row product
+    through each layout, role by role, and the layout it chose (starred)."""
+    print("single-row products as the fp32 engine timed them when it loaded, ms per matrix (chosen: *):")
+    for i, run in enumerate(runs):
+        cells = []
+        for role, timings in run["layout_ms"].items():
+            chosen = run["layouts"][role]
+            cells.append(f"{role} " + " ".join(f"{layout}{'*' if layout == chosen else ''} {ms:.3f}"
+                                               for layout, ms in timings.items()))
+        print(f"  round {i + 1}: " + "; ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,8 +463,7 @@ def main(argv: list[str] | None = None) -> None:
               f"buffer; a batch-1 step reads {weight_bytes[w] / 1e6:.0f} MB of weights "
               f"+ {kv_bytes_per_step(config, average_context) / 1e6:.1f} MB of cache "
               f"-> at most {bound(w, 1):.1f} tokens/s")
-    print(f"single-row weight layouts the fp32 engine chose: "
-          f"{'; '.join(str(r['layouts']) for r in results[ENGINE_B1])}")
+    print_layout_choices(results[ENGINE_B1])
     print()
     header = (f"| {'method':<60} | {'streams':>7} | {'aggregate tok/s':>15} | {'rounds':>18} "
               f"| {'vs transformers b1':>18} | {'of bound':>8} |")
