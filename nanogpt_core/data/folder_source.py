@@ -11,11 +11,23 @@ The folder's content hash is a sha256 over each file's relative path and bytes, 
 the same files with the same bytes give the same hash on any machine, whatever their
 modification times; a renamed, added, removed or edited file changes it. It is what a
 watcher compares to notice new text, and what the records of a read name as its version.
+
+A watcher that scans every few seconds need not read every byte each time: given a
+`FileHashCache`, a file whose device, inode, size, modification and status-change times are
+all as they were when it was last hashed is not read again. The status-change time moves on
+every write and cannot be set back by a program, so an edit that restores the modification
+time is still seen. File times are coarse (a few milliseconds), so a file changed shortly
+before it was hashed could be changed again without its times moving: such a file is trusted
+only once its status-change time is a safe margin older than its hash (git's "racily clean"
+entries, handled the same way). The hash is the same either way; the cache only skips work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +38,7 @@ from nanogpt_core.data.text_files import TextSourceError, documents_from_files
 
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 READ_CHUNK_BYTES = 1 << 20
+RACY_MARGIN_NS = 2_000_000_000  # a cached hash counts only for files unchanged this long before it
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,47 @@ class FolderSnapshot:
                 "content_hash": self.content_hash, "bytes": self.bytes}
 
 
-def scan_folder(folder: str | Path) -> FolderSnapshot:
-    """List and hash the folder's text files; raise TextSourceError naming any file at fault."""
+class FileHashCache:
+    """Each file's hash, kept for as long as its stat signature (see the module doc) is unchanged.
+
+    Safe to share between threads; it holds one entry per file of the latest scan of a folder.
+    """
+
+    def __init__(self) -> None:
+        # path -> (stat signature, sha256 of the bytes, size, when it was hashed in ns)
+        self._entries: dict[str, tuple[tuple[int, ...], bytes, int, int]] = {}
+        self._lock = threading.Lock()
+        self.files_read = 0  # how many files were read in full, for the curious and for tests
+
+    def hash_file(self, path: Path) -> tuple[bytes, int]:
+        try:
+            stat = path.stat()
+        except OSError as e:
+            raise TextSourceError(f"cannot read {path}: {e.strerror or e}") from e
+        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        key = os.fspath(path)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0] == signature and stat.st_ctime_ns < entry[3] - RACY_MARGIN_NS:
+            return entry[1], entry[2]
+        hashed_at = time.time_ns()
+        digest, size = _hash_file(path)
+        with self._lock:
+            self._entries[key] = (signature, digest, size, hashed_at)
+            self.files_read += 1
+        return digest, size
+
+    def keep_only(self, paths: set[str]) -> None:
+        """Forget files that are gone, so that the cache does not grow with every name ever seen."""
+        with self._lock:
+            for key in set(self._entries) - paths:
+                del self._entries[key]
+
+
+def scan_folder(folder: str | Path, cache: FileHashCache | None = None) -> FolderSnapshot:
+    """List and hash the folder's text files; raise TextSourceError naming any file at fault.
+
+    With a `cache`, files unchanged since it last hashed them are not read again."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         reason = "is not a folder" if folder.exists() else "does not exist"
@@ -78,12 +130,14 @@ def scan_folder(folder: str | Path) -> FolderSnapshot:
     digest = hashlib.sha256()
     total = 0
     for name in names:
-        file_digest, size = _hash_file(folder / name)
+        file_digest, size = cache.hash_file(folder / name) if cache is not None else _hash_file(folder / name)
         encoded = name.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
         digest.update(file_digest)
         total += size
+    if cache is not None:
+        cache.keep_only({os.fspath(folder / name) for name in names})
     return FolderSnapshot(folder, tuple(names), digest.hexdigest(), total)
 
 

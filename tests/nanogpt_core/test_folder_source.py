@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanogpt_core.data.folder_source import scan_folder
+from nanogpt_core.data.folder_source import FileHashCache, scan_folder
 from nanogpt_core.data.raw import write_raw_parquet
 from nanogpt_core.data.text_sources import TextSourceError, describe_source, iter_documents
 
@@ -141,3 +143,37 @@ def test_text_that_changes_while_it_is_read_fails_the_read(tmp_path):
     (folder / "z_late.txt").write_text("Arrived mid-read.", encoding="utf-8")
     with pytest.raises(TextSourceError, match=r"changed while it was read \(added: z_late\.txt\)"):
         list(documents)
+
+
+def test_a_hash_cache_reads_only_the_files_that_changed_and_gives_the_same_hash(tmp_path):
+    folder = fill(tmp_path / "incoming")
+    settled = 1_000_000_000  # times well before now: the files count as settled
+    for path in folder.rglob("*"):
+        os.utime(path, (settled, settled))
+    time.sleep(0.05)  # let the status-change times fall behind the clock
+    cache = FileHashCache()
+    with mock.patch("nanogpt_core.data.folder_source.RACY_MARGIN_NS", 0):
+        first = scan_folder(folder, cache)
+        assert cache.files_read == 5 and first.content_hash == scan_folder(folder).content_hash
+        time.sleep(0.05)
+        assert scan_folder(folder, cache).content_hash == first.content_hash
+        assert cache.files_read == 5  # nothing was read again
+
+        # Same size, modification time set back: the status-change time still gives it away.
+        (folder / "b_notes.txt").write_text("A plain text file is one document!\n", encoding="utf-8")
+        os.utime(folder / "b_notes.txt", (settled, settled))
+        edited = scan_folder(folder, cache)
+        assert cache.files_read == 6
+        assert edited.content_hash == scan_folder(folder).content_hash != first.content_hash
+
+        (folder / "sub" / "deeper.txt").unlink()
+        assert scan_folder(folder, cache).content_hash == scan_folder(folder).content_hash
+        assert cache.files_read == 6
+
+
+def test_a_hash_cache_does_not_trust_a_file_changed_just_before_it_was_hashed(tmp_path):
+    folder = fill(tmp_path / "incoming")
+    cache = FileHashCache()
+    scan_folder(folder, cache)
+    scan_folder(folder, cache)  # written moments ago: within the margin, so read again
+    assert cache.files_read == 10
