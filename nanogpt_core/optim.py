@@ -92,6 +92,11 @@ class OptimizerPair:
         self.optimizers = (first, second)
 
     @property
+    def kinds(self) -> list[str]:
+        """The optimizers' class names, in order: what a saved state must have been saved by."""
+        return [type(optimizer).__name__ for optimizer in self.optimizers]
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
@@ -105,10 +110,10 @@ class OptimizerPair:
 
     def state_dict(self) -> dict[str, Any]:
         return {"pair": [optimizer.state_dict() for optimizer in self.optimizers],
-                "kinds": [type(optimizer).__name__ for optimizer in self.optimizers]}
+                "kinds": self.kinds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        kinds = [type(optimizer).__name__ for optimizer in self.optimizers]
+        kinds = self.kinds
         if state.get("kinds") != kinds:
             saved = state.get("kinds") or ["one optimizer (" + ", ".join(sorted(state)) + ")"]
             raise ValueError(f"the saved optimizer state is for {' + '.join(saved)}, not {' + '.join(kinds)}: "
