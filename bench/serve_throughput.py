@@ -1,6 +1,7 @@
 """Decode throughput of the serving engine on the gpt2-124m shape, against the usual alternatives.
 
     python bench/serve_throughput.py [--tokens 64] [--rounds 3] [--layout-variants] [--quality-checkpoint model.pt]
+    python bench/serve_throughput.py --quality-only --quality-checkpoint model.pt
 
 Random weights (throughput does not depend on what the weights are), greedy decoding throughout:
   - recomputing the whole context for every token (nanoGPT's original sampler),
@@ -384,6 +385,16 @@ def print_layout_choices(runs: list[dict]) -> None:
         print(f"  round {i + 1}: " + "; ".join(cells))
 
 
+def print_int8_quality(quality: dict[str, float], checkpoint: Path) -> None:
+    change = quality["ppl_int8"] / quality["ppl_fp32"] - 1
+    print(f"int8 quality, {checkpoint}: FineWeb-Edu sample, {quality['windows']} windows of "
+          f"{quality['window']} tokens ({quality['tokens']} predictions), teacher-forced")
+    print("| perplexity fp32 | perplexity int8 | change | top-1 agreement with fp32 |")
+    print(f"| {quality['ppl_fp32']:.3f} | {quality['ppl_int8']:.3f} | {change:+.2%} "
+          f"| {quality['top1_agreement']:.2%} |")
+    print(f"goal: int8 perplexity within 2% of fp32: {'met' if abs(change) <= 0.02 else 'NOT met'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per stream")
@@ -398,11 +409,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality-checkpoint", type=Path,
                         help="a trained model_*.pt to score with fp32 and int8 weights on FineWeb-Edu")
     parser.add_argument("--quality-windows", type=int, default=64, help="FineWeb-Edu windows of block_size tokens")
+    parser.add_argument("--quality-only", action="store_true", help="score --quality-checkpoint and stop")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quality_checkpoint is not None and not args.quality_checkpoint.is_file():
         parser.error(f"--quality-checkpoint {args.quality_checkpoint} is not a file")
+    if args.quality_only and args.quality_checkpoint is None:
+        parser.error("--quality-only needs --quality-checkpoint")
     torch.set_num_threads(args.threads)
+    if args.quality_only:
+        print_int8_quality(int8_quality(args.quality_checkpoint, args.quality_windows), args.quality_checkpoint)
+        return
 
     if args.child:  # a fresh process for one method: measure it and print the figures as JSON
         method = next(m for m in methods_to_run(args, with_transformers=True) if m.name == args.child)
@@ -504,14 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"goal: prefill >= 80% of the fp32 peak: {flops / median(ENGINE_B1, 'ttft') / peak:.0%} "
           f"{'met' if flops / median(ENGINE_B1, 'ttft') / peak >= 0.8 else 'NOT met'}")
     if quality:
-        change = quality["ppl_int8"] / quality["ppl_fp32"] - 1
         print()
-        print(f"int8 quality, {args.quality_checkpoint}: FineWeb-Edu sample, {quality['windows']} windows of "
-              f"{quality['window']} tokens ({quality['tokens']} predictions), teacher-forced")
-        print("| perplexity fp32 | perplexity int8 | change | top-1 agreement with fp32 |")
-        print(f"| {quality['ppl_fp32']:.3f} | {quality['ppl_int8']:.3f} | {change:+.2%} "
-              f"| {quality['top1_agreement']:.2%} |")
-        print(f"goal: int8 perplexity within 2% of fp32: {'met' if abs(change) <= 0.02 else 'NOT met'}")
+        print_int8_quality(quality, args.quality_checkpoint)
 
 
 if __name__ == "__main__":
