@@ -12,6 +12,7 @@ from serving.settings import (
     API_KEYS_ENV,
     LOBECHAT_LOCAL_ORIGINS,
     MIB,
+    SINGLE_ROW_LAYOUTS,
     WEIGHT_FORMATS,
     ServerSettings,
     SettingsError,
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32: the checkpoint's weights as they are; int8: linear and output layers "
                              "quantized per row at load (faster decoding on a CPU, slightly different "
                              "outputs; docs/BENCHMARKS.md)")
+    parser.add_argument("--single-row-layout", choices=SINGLE_ROW_LAYOUTS, default="timed",
+                        help="fp32: the weight layout one-row products go through; timed: the fastest per "
+                             "role of matrix, timed at load (may hold some weights twice); a fixed layout "
+                             "other than onednn-batch also holds them twice, onednn-batch never does")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest checks")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -89,7 +94,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         key_concurrent_requests=args.key_concurrent_requests, rate_limit_storage=args.rate_limit_storage,
         rate_limit_namespace=args.rate_limit_namespace, max_batch=args.max_batch,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, threads=args.threads,
-        device=args.device, weights=args.weights, poll_interval_s=args.poll_interval)
+        device=args.device, weights=args.weights, single_row_layout=args.single_row_layout,
+        poll_interval_s=args.poll_interval)
 
 
 def main(argv: list[str] | None = None) -> None:

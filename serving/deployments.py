@@ -69,7 +69,9 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
     model.eval()
     name = manifest.checkpoint_name if manifest else path.name
     # Built in the engine's thread, where its products run faster (see Engine).
-    engine = Engine(functools.partial(BatchDecoder, model, settings.max_batch, weights=settings.weights),
+    one_row = None if settings.single_row_layout == "timed" else settings.single_row_layout
+    engine = Engine(functools.partial(BatchDecoder, model, settings.max_batch, weights=settings.weights,
+                                      one_row=one_row),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics, name=name).start()
     decoder = engine.decoder

@@ -20,8 +20,8 @@ So every matrix keeps its batch layout ("onednn-batch", or "transposed" where to
 oneDNN) for products of several rows, and single rows go through whichever layout ran the
 fastest when the model loaded (`choose_one_row_layouts`), timed role by role (every block's
 query/key/value matrix, every MLP input matrix, ..., the output layer). A one-row layout other
-than the batch layout costs a second copy of those matrices; "plain" costs nothing while the
-model's own weights are alive.
+than the batch layout costs a second copy of those matrices ("plain" keeps the model's own
+weights alive); the server's `--single-row-layout` fixes one layout for every role instead.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.nn import functional as F
 
-Layout = Literal["onednn-batch", "onednn-one-row", "plain", "transposed"]
-LAYOUTS: tuple[Layout, ...] = ("onednn-batch", "onednn-one-row", "plain", "transposed")
+from serving.settings import FLOAT_LAYOUTS
+
+Layout = str  # one of LAYOUTS
+LAYOUTS: tuple[Layout, ...] = FLOAT_LAYOUTS
 ONEDNN_LAYOUTS: tuple[Layout, ...] = ("onednn-batch", "onednn-one-row")
 
 # Time a role over enough of its matrices that they come from memory, as in a decode step,
@@ -55,7 +56,7 @@ def check_layout(layout: str, use_onednn: bool) -> Layout:
         raise ValueError(f"unknown weight layout {layout!r}; the layouts are {', '.join(LAYOUTS)}")
     if layout in ONEDNN_LAYOUTS and not use_onednn:
         raise ValueError(f"weight layout {layout!r} needs oneDNN, which this decoder does not use")
-    return layout  # type: ignore[return-value]
+    return layout
 
 
 def prepare(layout: Layout, weight: torch.Tensor, batch_hint: int) -> torch.Tensor:

@@ -24,6 +24,10 @@ MIB = 1024 * 1024
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 # How the engine holds the linear layers' weights: as trained, or int8 per row (serving.int8).
 WEIGHT_FORMATS = ("fp32", "int8")
+# The weight layouts an fp32 engine can send one-row products through (serving.linear_layouts);
+# "timed" takes the fastest of them for each role of matrix, timed when the model loads.
+FLOAT_LAYOUTS = ("onednn-batch", "onednn-one-row", "plain", "transposed")
+SINGLE_ROW_LAYOUTS = ("timed", *FLOAT_LAYOUTS)
 
 
 class SettingsError(ValueError):
@@ -54,6 +58,7 @@ class ServerSettings:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     device: str = "cpu"
     weights: str = "fp32"  # one of WEIGHT_FORMATS
+    single_row_layout: str = "timed"  # one of SINGLE_ROW_LAYOUTS; a fixed one saves a second copy
     poll_interval_s: float = 1.0  # how often the manifest is checked for a new deployment
 
     def __post_init__(self) -> None:
@@ -66,6 +71,12 @@ class ServerSettings:
             raise SettingsError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.weights == "int8" and self.device != "cpu":
             raise SettingsError(f"int8 weights run on the CPU only; the device is {self.device!r}")
+        if self.single_row_layout not in SINGLE_ROW_LAYOUTS:
+            raise SettingsError(f"single_row_layout must be one of {', '.join(SINGLE_ROW_LAYOUTS)}, "
+                                f"got {self.single_row_layout!r}")
+        if self.single_row_layout != "timed" and self.weights != "fp32":
+            raise SettingsError(f"single_row_layout {self.single_row_layout!r} applies to fp32 weights only, "
+                                f"not {self.weights}")
         if self.poll_interval_s <= 0:
             raise SettingsError("poll_interval_s must be positive")
         if self.max_request_bytes < 1:
@@ -216,5 +227,6 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> ServerSe
         threads=number("NANOGPT_THREADS", int, None),
         device=env.get("NANOGPT_DEVICE", "cpu"),
         weights=env.get("NANOGPT_WEIGHTS") or "fp32",
+        single_row_layout=env.get("NANOGPT_SINGLE_ROW_LAYOUT") or "timed",
         poll_interval_s=number("NANOGPT_POLL_INTERVAL", float, 1.0),
     )

@@ -7,9 +7,12 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_core.model import GPT, GPTConfig
+from serving.deployments import load_served_model
 from serving.int8 import int8_available
 from serving.kv_decoder import BatchDecoder
 from serving.linear_layouts import LAYOUTS, FloatLinear, choose_one_row_layouts, onednn_available
+from serving.settings import ServerSettings, SettingsError, settings_from_environment
+from tests.serving.conftest import make_checkpoint
 
 needs_onednn = pytest.mark.skipif(not onednn_available(torch.device("cpu"), torch.float32),
                                   reason="this torch build has no oneDNN")
@@ -97,3 +100,24 @@ def test_int8_weights_have_no_float_layouts(model):
         pytest.skip("this torch build has no fbgemm int8 kernels")
     decoder = BatchDecoder(model, max_batch=2, weights="int8")
     assert decoder.one_row_layouts == {} and decoder.one_row_choices == {}
+
+
+def test_the_server_setting_fixes_the_layout_or_leaves_it_to_timing(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model_00001.pt", seed=1, step=1)
+    for setting, expected in (("plain", {"plain"}), ("timed", set(LAYOUTS))):
+        served = load_served_model(checkpoint, ServerSettings(checkpoint=checkpoint, single_row_layout=setting))
+        try:
+            layouts = served.card("nanogpt").weight_layouts
+            assert set(layouts) == ROLES and set(layouts.values()) <= expected
+        finally:
+            served.engine.stop()
+
+
+def test_a_single_row_layout_setting_is_checked_by_name():
+    with pytest.raises(SettingsError, match="single_row_layout must be one of timed, onednn-batch, onednn-one-row, "
+                                            "plain, transposed, got 'fastest'"):
+        settings_from_environment({"NANOGPT_CHECKPOINT": "x.pt", "NANOGPT_SINGLE_ROW_LAYOUT": "fastest"})
+    with pytest.raises(SettingsError, match="'plain' applies to fp32 weights only, not int8"):
+        ServerSettings(checkpoint="x.pt", weights="int8", single_row_layout="plain")
+    settings = settings_from_environment({"NANOGPT_CHECKPOINT": "x.pt", "NANOGPT_SINGLE_ROW_LAYOUT": "transposed"})
+    assert settings.single_row_layout == "transposed"
