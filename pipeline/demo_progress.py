@@ -140,6 +140,9 @@ class DemoProgress:
         self.out.flush()
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+
 def follow(log: Path, pid: int | None, progress: DemoProgress, poll_s: float = 0.5) -> None:
     """Feed every line of `log` to `progress` as it is written, until process `pid` has exited."""
     while not log.exists():
@@ -186,7 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     progress = DemoProgress()
     print(f"Training the demo model: {len(EXPECTED_SECONDS)} assets, about "
           f"{format_duration(sum(EXPECTED_SECONDS.values()))} on a 2-core AVX2 CPU (full log: {args.log})", flush=True)
-    follow(args.log, args.pid, progress)
+    try:
+        follow(args.log, args.pid, progress)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the materialization too (one process group); say so plainly, and exit
+        # with the shell's code for an interrupt so that ./dev does not report it as a failure.
+        print("\nInterrupted: the demo stopped before it finished; ./dev demo starts it again.",
+              file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     if progress.outcome != "success":
         sys.exit(f"the demo pipeline did not finish: {progress.outcome or 'the run ended without a result'}; "
                  f"see {args.log}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +76,21 @@ def test_the_log_is_followed_until_the_process_ends(tmp_path):
     writer.wait()
     assert progress.outcome == "success" and "hf_export" in progress.finished
     assert not os.path.exists(f"/proc/{writer.pid}") or writer.returncode == 0
+
+
+def test_ctrl_c_is_reported_as_an_interruption_not_a_failure(tmp_path):
+    log = tmp_path / "materialize.log"
+    log.write_text(event("dolly_prompts", "STEP_START - Started execution"))
+    materialize = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    printer = subprocess.Popen([sys.executable, "-m", "pipeline.demo_progress", str(log), "--pid", str(materialize.pid)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert printer.stdout.readline().startswith("Training the demo model")
+        time.sleep(1)  # into the loop that follows the log
+        printer.send_signal(signal.SIGINT)
+        out, err = printer.communicate(timeout=30)
+    finally:
+        materialize.kill()
+    assert printer.returncode == 130
+    assert "Interrupted: the demo stopped before it finished; ./dev demo starts it again." in err
+    assert "Traceback" not in err and "did not finish" not in err
