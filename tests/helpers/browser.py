@@ -7,11 +7,15 @@ Playwright's own browser download cannot reach its host here, so the browser is 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+UPDATE_SCREENSHOTS_ENV = "NANOGPT_UPDATE_SCREENSHOTS"
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -30,3 +34,11 @@ def headless_chromium() -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+def update_docs_screenshot(shot: Path, name: str) -> None:
+    """Copy a screenshot a test took over the docs' copy, only when NANOGPT_UPDATE_SCREENSHOTS=1:
+    a plain test run leaves the working tree as it found it."""
+    if os.environ.get(UPDATE_SCREENSHOTS_ENV) == "1":
+        DOCS_SCREENSHOTS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS_SCREENSHOTS / name)

@@ -8,18 +8,16 @@ here the UI itself is driven, and a training run is stopped from it and resumed.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.browser import headless_chromium
+from tests.helpers.browser import headless_chromium, update_docs_screenshot
 from tests.helpers.dagster_dev import DagsterServer, run_dagster_dev
 from tests.helpers.processes import is_alive
 
-from ..conftest import PROJECT_ROOT
 from .conftest import ALL_ASSETS, latest_event
 
 pytestmark = pytest.mark.slow
@@ -108,9 +106,7 @@ def test_the_asset_graph_in_the_ui_shows_every_asset(dagster_dev, tmp_path):
         page.screenshot(path=str(screenshot))
     assert not missing, f"asset graph lacks {missing}"
     assert screenshot.stat().st_size > 10_000
-    docs_copy = PROJECT_ROOT / "docs" / "screenshots" / "dagster_asset_graph.png"
-    docs_copy.parent.mkdir(exist_ok=True)
-    shutil.copy(screenshot, docs_copy)
+    update_docs_screenshot(screenshot, "dagster_asset_graph.png")
 
 
 def test_the_report_card_reads_as_a_table_in_the_asset_page(dagster_dev, interrupted_training, tmp_path):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from tests.helpers.browser import headless_chromium
+from tests.helpers.browser import headless_chromium, update_docs_screenshot
 
 pytestmark = pytest.mark.slow  # against a real server process
 
-SCREENSHOT_COPY = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "chat_ui.png"
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +51,7 @@ def test_chat_page_streams_a_reply(browser, deployment, tmp_path):
     shot = tmp_path / "chat_ui.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, SCREENSHOT_COPY)
+    update_docs_screenshot(shot, "chat_ui.png")
     page.close()
 
 
