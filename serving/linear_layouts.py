@@ -13,8 +13,9 @@ on the CPU, and no one layout wins everywhere (figures in docs/BENCHMARKS.md, "S
 On a 2-vCPU Xeon with AVX-512, streaming the 124M shape's weights from memory one row at a
 time, "transposed" ran every matrix fastest (16 ms for all 49 products, against 19 ms for
 "onednn-batch" and 21-25 ms for "plain"); at eight rows "onednn-batch" was the fastest (23 ms,
-against 31 transposed and 60 plain), and at 256 rows too (178 ms, against 204 and 246). On a 2-vCPU AMD EPYC (Zen 3), the output layer's one-row product was
-fastest as "onednn-one-row" (9.9 ms, against 11.7 transposed, 12.5 batch, 15.9 plain).
+against 31 transposed and 60 plain), and at 256 rows too (178 ms, against 204 and 246). On a
+2-vCPU AMD EPYC (Zen 3), the output layer's one-row product was fastest as "onednn-one-row"
+(9.9 ms, against 11.7 transposed, 12.5 batch, 15.9 plain).
 
 So every matrix keeps its batch layout ("onednn-batch", or "transposed" where torch has no
 oneDNN) for products of several rows, and single rows go through whichever layout ran the
