@@ -20,8 +20,9 @@ against 31 transposed and 60 plain), and at 256 rows too (178 ms, against 204 an
 So every matrix keeps its batch layout ("onednn-batch", or "transposed" where torch has no
 oneDNN) for products of several rows, and single rows go through whichever layout ran the
 fastest when the model loaded (`choose_one_row_layouts`), timed role by role (every block's
-query/key/value matrix, every MLP input matrix, ..., the output layer). A one-row layout other
-than the batch layout costs a second copy of those matrices ("plain" keeps the model's own
+query/key/value matrix, every MLP input matrix, ..., the output layer), keeping the batch
+layout unless another is at least 3% faster. A one-row layout other than the batch layout costs
+a second copy of those matrices ("plain" keeps the model's own
 weights alive); the server's `--single-row-layout` fixes one layout for every role instead.
 """
 
@@ -44,6 +45,8 @@ ONEDNN_LAYOUTS: tuple[Layout, ...] = ("onednn-batch", "onednn-one-row")
 # Time a role over enough of its matrices that they come from memory, as in a decode step,
 # rather than from a cache that one matrix timed over and over would sit in.
 TIMED_BYTES = 64 * 2**20
+# How much faster than the batch layout another layout must be to be worth a second copy.
+SECOND_COPY_MARGIN = 0.03
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -132,9 +135,19 @@ def one_row_candidates(use_onednn: bool) -> tuple[Layout, ...]:
     return LAYOUTS if use_onednn else ("transposed", "plain")
 
 
+def pick_layout(ms_per_matrix: Mapping[str, float], batch_layout: str) -> Layout:
+    """The fastest layout, unless the batch layout is within SECOND_COPY_MARGIN of it: a second
+    copy of the weights must buy a clear gain, and a near tie should not flip between loads."""
+    fastest = min(ms_per_matrix, key=ms_per_matrix.__getitem__)
+    if ms_per_matrix[batch_layout] <= ms_per_matrix[fastest] * (1 + SECOND_COPY_MARGIN):
+        return batch_layout
+    return fastest
+
+
 def choose_one_row_layouts(roles: Mapping[str, Sequence[tuple[torch.Tensor, FloatLinear]]], *,
                            rounds: int = 5, timed_bytes: int = TIMED_BYTES) -> dict[str, OneRowChoice]:
-    """Time every candidate layout on single rows, role by role, and pick the fastest for each.
+    """Time every candidate layout on single rows, role by role, and pick the fastest for each
+    (the batch layout when it is within SECOND_COPY_MARGIN of the fastest: see `pick_layout`).
 
     `roles` maps a role's name to its matrices, each as (the (out, in) weight, its FloatLinear).
     Each candidate runs over as many of a role's matrices as make up `timed_bytes` (all of them
@@ -170,5 +183,5 @@ def choose_one_row_layouts(roles: Mapping[str, Sequence[tuple[torch.Tensor, Floa
                         seconds[layout].append(time.perf_counter() - started)
         del prepared
         ms = {layout: 1000 * statistics.median(s) / len(timed) for layout, s in seconds.items()}
-        choices[role] = OneRowChoice(layout=min(ms, key=ms.__getitem__), ms_per_matrix=ms)
+        choices[role] = OneRowChoice(layout=pick_layout(ms, first.batch_layout), ms_per_matrix=ms)
     return choices

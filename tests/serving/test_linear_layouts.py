@@ -10,7 +10,7 @@ from nanogpt_core.model import GPT, GPTConfig
 from serving.deployments import load_served_model
 from serving.int8 import int8_available
 from serving.kv_decoder import BatchDecoder
-from serving.linear_layouts import LAYOUTS, FloatLinear, choose_one_row_layouts, onednn_available
+from serving.linear_layouts import LAYOUTS, FloatLinear, choose_one_row_layouts, onednn_available, pick_layout
 from serving.settings import ServerSettings, SettingsError, settings_from_environment
 from tests.serving.conftest import make_checkpoint
 
@@ -70,7 +70,13 @@ def test_the_choice_times_every_candidate_and_takes_the_fastest(use_onednn):
     timed = choices["fc"].ms_per_matrix
     assert set(timed) == (set(LAYOUTS) if use_onednn else {"transposed", "plain"})
     assert all(ms > 0 for ms in timed.values())
-    assert choices["fc"].layout == min(timed, key=timed.__getitem__)
+    assert choices["fc"].layout == pick_layout(timed, linears[0].batch_layout)
+
+
+def test_another_layout_must_beat_the_batch_layout_clearly_to_be_worth_a_second_copy():
+    assert pick_layout({"onednn-batch": 1.00, "transposed": 0.80, "plain": 0.90}, "onednn-batch") == "transposed"
+    assert pick_layout({"onednn-batch": 1.00, "transposed": 0.98, "plain": 0.99}, "onednn-batch") == "onednn-batch"
+    assert pick_layout({"transposed": 1.00, "plain": 1.01}, "transposed") == "transposed"
 
 
 @needs_onednn
