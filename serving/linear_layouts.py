@@ -21,9 +21,9 @@ So every matrix keeps its batch layout ("onednn-batch", or "transposed" where to
 oneDNN) for products of several rows, and single rows go through whichever layout ran the
 fastest when the model loaded (`choose_one_row_layouts`), timed role by role (every block's
 query/key/value matrix, every MLP input matrix, ..., the output layer), keeping the batch
-layout unless another is at least 3% faster. A one-row layout other than the batch layout costs
-a second copy of those matrices ("plain" keeps the model's own
-weights alive); the server's `--single-row-layout` fixes one layout for every role instead.
+layout unless another is at least 3% faster. A one-row layout other than the batch layout
+costs a second copy of those matrices ("plain" keeps the model's own weights alive); the
+server's `--single-row-layout` fixes one layout for every role instead.
 """
 
 from __future__ import annotations
