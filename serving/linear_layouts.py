@@ -151,37 +151,51 @@ def choose_one_row_layouts(roles: Mapping[str, Sequence[tuple[torch.Tensor, Floa
 
     `roles` maps a role's name to its matrices, each as (the (out, in) weight, its FloatLinear).
     Each candidate runs over as many of a role's matrices as make up `timed_bytes` (all of them
-    if they are fewer), one after the other; rounds rotate the order of the candidates so that
-    a neighbour's load falls on all of them alike, and the median round counts. The candidates'
-    extra copies live only while their role is timed. About half a second for the 124M shape.
+    if they are fewer), one after the other. The candidates' extra copies live only while their
+    role is timed. About a second for the 124M shape, copies included.
     """
     choices: dict[str, OneRowChoice] = {}
     for role, matrices in roles.items():
         if not matrices:
             continue
-        timed, size = [], 0
-        for weight, linear in matrices:
-            timed.append((weight, linear))
-            size += linear.nbytes
-            if size >= timed_bytes:
-                break
-        first = timed[0][1]
-        candidates = one_row_candidates(first.use_onednn)
-        prepared = {layout: [linear.batch_weight if layout == linear.batch_layout
-                             else prepare(layout, weight, linear.batch_hint) for weight, linear in timed]
-                    for layout in candidates}
-        rows = [torch.randn(1, weight.size(1), dtype=weight.dtype) for weight, _ in timed]
-        seconds: dict[str, list[float]] = {layout: [] for layout in candidates}
-        with torch.inference_mode():
-            for round_ in range(rounds + 1):  # the first round warms every kernel up and is not counted
-                order = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]
-                for layout in order:
-                    started = time.perf_counter()
-                    for (_, linear), weight, x in zip(timed, prepared[layout], rows):
-                        multiply(layout, weight, x, linear.bias, linear.gelu)
-                    if round_:
-                        seconds[layout].append(time.perf_counter() - started)
-        del prepared
-        ms = {layout: 1000 * statistics.median(s) / len(timed) for layout, s in seconds.items()}
-        choices[role] = OneRowChoice(layout=pick_layout(ms, first.batch_layout), ms_per_matrix=ms)
+        timed = _enough_matrices(matrices, timed_bytes)
+        batch_layout = timed[0][1].batch_layout
+        ms = _ms_per_matrix(timed, one_row_candidates(timed[0][1].use_onednn), rounds)
+        choices[role] = OneRowChoice(layout=pick_layout(ms, batch_layout), ms_per_matrix=ms)
     return choices
+
+
+def _enough_matrices(matrices: Sequence[tuple[torch.Tensor, FloatLinear]],
+                     timed_bytes: int) -> list[tuple[torch.Tensor, FloatLinear]]:
+    """The first of `matrices` that together hold at least `timed_bytes` (or all of them)."""
+    timed, size = [], 0
+    for weight, linear in matrices:
+        timed.append((weight, linear))
+        size += linear.nbytes
+        if size >= timed_bytes:
+            break
+    return timed
+
+
+def _ms_per_matrix(timed: list[tuple[torch.Tensor, FloatLinear]], candidates: tuple[Layout, ...],
+                   rounds: int) -> dict[str, float]:
+    """Median milliseconds per one-row product through each candidate layout over `timed`.
+
+    Rounds rotate the order of the candidates, so that a neighbour's load falls on all of them
+    alike; the first round warms every kernel up and is not counted.
+    """
+    prepared = {layout: [linear.batch_weight if layout == linear.batch_layout
+                         else prepare(layout, weight, linear.batch_hint) for weight, linear in timed]
+                for layout in candidates}
+    rows = [torch.randn(1, weight.size(1), dtype=weight.dtype) for weight, _ in timed]
+    seconds: dict[str, list[float]] = {layout: [] for layout in candidates}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            order = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]
+            for layout in order:
+                started = time.perf_counter()
+                for (_, linear), weight, x in zip(timed, prepared[layout], rows):
+                    multiply(layout, weight, x, linear.bias, linear.gelu)
+                if round_:
+                    seconds[layout].append(time.perf_counter() - started)
+    return {layout: 1000 * statistics.median(s) / len(timed) for layout, s in seconds.items()}
