@@ -228,10 +228,13 @@ class Engine:
         return self
 
     def submit(self, generation: Generation) -> None:
-        self._check_fits(generation)
         with self._cond:
+            # Closed first: a swap releases a drained engine's decoder (`decoder = None`) after
+            # closing it, and a request that picked this engine just before the swap must be
+            # told to resubmit, not fail on the missing decoder.
             if self._closing or self._stopping:
                 raise EngineClosed(self.name)
+            self._check_fits(generation)
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(self.name)
             generation._engine = self

@@ -154,6 +154,20 @@ def test_queue_limit_and_draining(model):
     asyncio.run(main())
 
 
+def test_a_request_reaching_an_engine_released_by_a_swap_is_told_to_resubmit(model):
+    # A hot swap closes the old engine and, once it has drained, drops its decoder; a request
+    # that picked the old engine just before the swap still submits to it.
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=1)).start()
+        engine.close()
+        assert await asyncio.to_thread(engine.drained.wait, 10)
+        engine.decoder = None
+        with pytest.raises(EngineClosed):
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), n=2))
+
+    asyncio.run(main())
+
+
 def test_a_failed_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
     async def main():
         decoder = BatchDecoder(model, max_batch=2)
