@@ -15,7 +15,9 @@ time, "transposed" ran every matrix fastest (16 ms for all 49 products, against 
 "onednn-batch" and 21-25 ms for "plain"); at eight rows "onednn-batch" was the fastest (23 ms,
 against 31 transposed and 60 plain), and at 256 rows too (178 ms, against 204 and 246). On a
 2-vCPU AMD EPYC (Zen 3), the output layer's one-row product was fastest as "onednn-one-row"
-(9.9 ms, against 11.7 transposed, 12.5 batch, 15.9 plain).
+(9.9 ms, against 11.7 transposed, 12.5 batch, 15.9 plain). On a 2-vCPU Zen 4 EPYC,
+"onednn-one-row" won most roles, "transposed" now and then the output layer, and "plain" ran
+at about half their speed (the output layer 13-17 ms against 7-8).
 
 So every matrix keeps its batch layout ("onednn-batch", or "transposed" where torch has no
 oneDNN) for products of several rows, and single rows go through whichever layout ran the
