@@ -25,6 +25,7 @@ from nanogpt_core.report_card import ReportCardError, card_beside, read_card
 from serving.engine import Engine, EngineMetrics
 from serving.errors import model_not_found, model_replaced
 from serving.kv_decoder import BatchDecoder
+from serving.linear_layouts import TimedLayouts
 from serving.schemas import ModelCard
 from serving.settings import ServerSettings
 
@@ -41,6 +42,7 @@ class ServedModel:
     created: int
     weights: str = "fp32"
     weight_layouts: dict[str, str] = field(default_factory=dict)
+    timed_layouts: TimedLayouts | None = None  # handed to the next model of the same shape
     step: int | None = None
     deployment_id: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
@@ -61,8 +63,10 @@ class ServedModel:
 
 
 def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
-                      metrics: EngineMetrics | None = None, manifest: Manifest | None = None) -> ServedModel:
-    """Load a checkpoint and start an engine for it."""
+                      metrics: EngineMetrics | None = None, manifest: Manifest | None = None,
+                      timed_before: TimedLayouts | None = None) -> ServedModel:
+    """Load a checkpoint and start an engine for it (with `timed_before`'s single-row layouts
+    where the model has the same shapes; see TimedLayouts)."""
     path = Path(checkpoint_path)
     started = time.monotonic()
     model, payload = load_checkpoint(path, map_location=settings.device)
@@ -71,13 +75,14 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
     # Built in the engine's thread, where its products run faster (see Engine).
     one_row = None if settings.single_row_layout == "timed" else settings.single_row_layout
     engine = Engine(functools.partial(BatchDecoder, model, settings.max_batch, weights=settings.weights,
-                                      one_row=one_row),
+                                      one_row=one_row, timed_before=timed_before),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics, name=name).start()
     decoder = engine.decoder
     del model  # the decoder keeps its own copies of the weights it needs
+    reused = " (as timed for the previous model of this shape)" if decoder.reused_timed_layouts else ""
     log.info("loaded %s in %.1f s (%s weights%s)", path, time.monotonic() - started, decoder.weights,
-             f"; single rows through {decoder.one_row_layouts}" if decoder.one_row_layouts else "")
+             f"; single rows through {decoder.one_row_layouts}{reused}" if decoder.one_row_layouts else "")
     lineage = dict(payload.get("lineage") or {})
     if payload.get("metrics"):
         lineage.setdefault("metrics", payload["metrics"])
@@ -91,6 +96,7 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
         context_length=decoder.max_len,
         weights=decoder.weights,
         weight_layouts=dict(decoder.one_row_layouts),
+        timed_layouts=decoder.timed_layouts,
         created=_timestamp(payload.get("created")) or int(path.stat().st_mtime),
         step=payload.get("step"),
         deployment_id=manifest.deployment_id if manifest else None,
@@ -226,7 +232,7 @@ class ManifestWatcher:
                  manifest.checkpoint_name, current.checkpoint_name)
         try:
             new = load_served_model(manifest.checkpoint_path, self.settings, metrics=self.metrics,
-                                    manifest=manifest)
+                                    manifest=manifest, timed_before=current.timed_layouts)
         except (CheckpointError, OSError) as e:
             log.error("keeping %s: deployment %s failed to load: %s", current.checkpoint_name,
                       manifest.deployment_id, e)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from nanogpt_core.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from serving.int8 import Int8Linear
-from serving.linear_layouts import FloatLinear, OneRowChoice, choose_one_row_layouts, onednn_available
+from serving.linear_layouts import FloatLinear, OneRowChoice, TimedLayouts, choose_one_row_layouts, onednn_available
 from serving.settings import WEIGHT_FORMATS
 
 
@@ -56,7 +56,8 @@ class BatchDecoder:
     """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
 
     def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, *, use_onednn: bool | None = None,
-                 weights: str = "fp32", one_row: str | Mapping[str, str] | None = None):
+                 weights: str = "fp32", one_row: str | Mapping[str, str] | None = None,
+                 timed_before: TimedLayouts | None = None):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         config: GPTConfig = model.config
@@ -98,8 +99,12 @@ class BatchDecoder:
         ]
         self.one_row_choices: dict[str, OneRowChoice] = {}  # with the timings, where they were timed
         self.one_row_layouts: dict[str, str] = {}  # role -> layout for single rows (fp32 only)
+        # The timed choice (this decoder's, or `timed_before` where the shapes matched); None where
+        # the layouts were named rather than timed.
+        self.timed_layouts: TimedLayouts | None = None
+        self.reused_timed_layouts = False
         if weights == "fp32":
-            self._choose_one_row_layouts(model, one_row)
+            self._choose_one_row_layouts(model, one_row, timed_before)
         dtype = self.wte.dtype
         shape = (config.n_layer, max_batch + 1, self.n_head, self.max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=self.wte.device)
@@ -112,9 +117,11 @@ class BatchDecoder:
         """Bytes of weights a decode step reads: every linear layer and the output layer once."""
         return sum(linear.nbytes for w in self.layers for linear in w.linears()) + self.lm_head.nbytes
 
-    def _choose_one_row_layouts(self, model: GPT, one_row: str | Mapping[str, str] | None) -> None:
+    def _choose_one_row_layouts(self, model: GPT, one_row: str | Mapping[str, str] | None,
+                                timed_before: TimedLayouts | None) -> None:
         """Give each role's matrices their layout for single rows: the fastest when timed here
-        (on a CPU, when `one_row` is None), or the one `one_row` names (for every role, or by role)."""
+        (on a CPU, when `one_row` is None; `timed_before` instead, when it was timed on matrices
+        of the same shapes), or the one `one_row` names (for every role, or by role)."""
         blocks = model.transformer.h
         roles = {
             "attn": [(b.attn.c_attn.weight, w.attn) for b, w in zip(blocks, self.layers)],
@@ -123,11 +130,17 @@ class BatchDecoder:
             "mlp_proj": [(b.mlp.c_proj.weight, w.mlp_proj) for b, w in zip(blocks, self.layers)],
             "lm_head": [(model.lm_head.weight[: self.vocab_size], self.lm_head)],
         }
-        if one_row is None:
-            if self.wte.device.type == "cpu":
-                self.one_row_choices = choose_one_row_layouts(roles)
-            # (on an accelerator every role keeps its batch layout: nothing to time on asynchronous kernels)
+        shapes = {role: tuple(matrices[0][0].shape) for role, matrices in roles.items() if matrices}
+        timed = one_row is None and self.wte.device.type == "cpu"
+        # (on an accelerator every role keeps its batch layout: nothing to time on asynchronous kernels)
+        if timed and timed_before is not None and timed_before.fits(shapes):
+            layouts = dict(timed_before.layouts)
+            self.reused_timed_layouts = True
+        elif timed:
+            self.one_row_choices = choose_one_row_layouts(roles)
             layouts = {role: choice.layout for role, choice in self.one_row_choices.items()}
+        elif one_row is None:
+            layouts = {}
         elif isinstance(one_row, str):
             layouts = dict.fromkeys(roles, one_row)
         else:
@@ -140,6 +153,8 @@ class BatchDecoder:
             for weight, linear in roles[role]:
                 linear.use_for_one_row(layout, weight)
         self.one_row_layouts = {role: matrices[0][1].one_row_layout for role, matrices in roles.items() if matrices}
+        if timed:
+            self.timed_layouts = TimedLayouts(shapes=shapes, layouts=dict(self.one_row_layouts))
 
     # --- slot bookkeeping -------------------------------------------------------------
 

@@ -133,6 +133,22 @@ class OneRowChoice:
     ms_per_matrix: dict[str, float]
 
 
+@dataclass(frozen=True)
+class TimedLayouts:
+    """The single-row layouts a decoder chose by timing, with the shape of each role's matrices.
+
+    Which layout is fastest depends on the CPU and the shapes, not on the weights' values, so a
+    server swapping in a model of the same shape takes the previous model's choice instead of
+    timing again: a swap saves the second or so of timing, and keeps the choice made on a quiet
+    machine rather than one made while the old model is still serving traffic.
+    """
+    shapes: Mapping[str, tuple[int, ...]]
+    layouts: Mapping[str, str]
+
+    def fits(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        return dict(self.shapes) == dict(shapes)
+
+
 def one_row_candidates(use_onednn: bool) -> tuple[Layout, ...]:
     return LAYOUTS if use_onednn else ("transposed", "plain")
 

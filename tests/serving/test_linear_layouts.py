@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from nanogpt_core.model import GPT, GPTConfig
-from serving.deployments import load_served_model
+from nanogpt_core.deployment_manifest import new_manifest, write_manifest
+from serving.deployments import ManifestWatcher, ModelRegistry, initial_model, load_served_model
 from serving.int8 import int8_available
 from serving.kv_decoder import BatchDecoder
-from serving.linear_layouts import LAYOUTS, FloatLinear, choose_one_row_layouts, onednn_available, pick_layout
+from serving.linear_layouts import (LAYOUTS, FloatLinear, TimedLayouts, choose_one_row_layouts, onednn_available,
+                                    pick_layout)
 from serving.settings import ServerSettings, SettingsError, settings_from_environment
 from tests.serving.conftest import make_checkpoint
 
@@ -99,6 +103,47 @@ def test_layouts_can_be_named_for_every_role_or_role_by_role(model):
     assert by_role.one_row_layouts["fc"] == "onednn-batch"
     with pytest.raises(ValueError, match="no matrices with the role mlp; the roles are attn, attn_proj"):
         BatchDecoder(model, max_batch=4, one_row={"mlp": "plain"})
+
+
+def test_a_model_of_the_same_shape_takes_the_layouts_timed_before_and_another_shape_is_timed(model):
+    first = BatchDecoder(model, max_batch=4)
+    assert first.timed_layouts.layouts == first.one_row_layouts and not first.reused_timed_layouts
+    # Pretend the first timing chose otherwise, to see the choice carried over rather than retimed.
+    chosen = dict.fromkeys(first.one_row_layouts, "transposed")
+    timed_before = TimedLayouts(shapes=first.timed_layouts.shapes, layouts=chosen)
+
+    torch.manual_seed(5)
+    same_shape = BatchDecoder(GPT(model.config).eval(), max_batch=4, timed_before=timed_before)
+    assert same_shape.reused_timed_layouts and same_shape.one_row_choices == {}  # nothing was timed
+    assert same_shape.one_row_layouts == chosen and same_shape.timed_layouts == timed_before
+    assert same_shape.lm_head.one_row_layout == "transposed"
+
+    wider = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=48)).eval()
+    retimed = BatchDecoder(wider, max_batch=4, timed_before=timed_before)
+    assert not retimed.reused_timed_layouts and set(retimed.one_row_choices) == ROLES
+    named = BatchDecoder(model, max_batch=4, one_row="transposed", timed_before=first.timed_layouts)
+    assert named.timed_layouts is None and not named.reused_timed_layouts  # a named layout wins
+
+
+def test_a_swap_to_a_model_of_the_same_shape_keeps_the_layouts_timed_for_the_first(tmp_path, caplog):
+    manifest = tmp_path / "deployment" / "current.json"
+    first = make_checkpoint(tmp_path / "model_00001.pt", seed=1, step=1)
+    write_manifest(manifest, new_manifest(checkpoint_path=first, deployment_id="deploy-1"))
+    settings = ServerSettings(manifest=manifest)
+    registry = ModelRegistry(initial_model(settings))
+    try:
+        timed = registry.current.timed_layouts
+        assert timed.layouts == registry.current.weight_layouts
+        second = make_checkpoint(tmp_path / "model_00002.pt", seed=2, step=2)
+        write_manifest(manifest, new_manifest(checkpoint_path=second, deployment_id="deploy-2"))
+        with caplog.at_level(logging.INFO, logger="serving.deployments"):
+            assert ManifestWatcher(manifest, registry, settings).check_now()
+        assert registry.current.checkpoint_name == "model_00002.pt"
+        assert registry.current.timed_layouts == timed
+        assert registry.current.card("nanogpt").weight_layouts == timed.layouts
+        assert "as timed for the previous model of this shape" in caplog.text
+    finally:
+        registry.shutdown()
 
 
 def test_int8_weights_have_no_float_layouts(model):
