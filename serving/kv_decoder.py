@@ -102,7 +102,6 @@ class BatchDecoder:
         # The timed choice (this decoder's, or `timed_before` where the shapes matched); None where
         # the layouts were named rather than timed.
         self.timed_layouts: TimedLayouts | None = None
-        self.reused_timed_layouts = False
         if weights == "fp32":
             self._choose_one_row_layouts(model, one_row, timed_before)
         dtype = self.wte.dtype
@@ -112,6 +111,11 @@ class BatchDecoder:
         self.lengths = [0] * (max_batch + 1)  # positions stored per slot
         self.staging_slot = max_batch
         self.n_active = 0
+
+    @property
+    def reused_timed_layouts(self) -> bool:
+        """Whether the single-row layouts came from `timed_before` rather than from timing here."""
+        return self.timed_layouts is not None and not self.one_row_choices
 
     def weight_bytes_per_step(self) -> int:
         """Bytes of weights a decode step reads: every linear layer and the output layer once."""
@@ -135,7 +139,6 @@ class BatchDecoder:
         # (on an accelerator every role keeps its batch layout: nothing to time on asynchronous kernels)
         if timed and timed_before is not None and timed_before.fits(shapes):
             layouts = dict(timed_before.layouts)
-            self.reused_timed_layouts = True
         elif timed:
             self.one_row_choices = choose_one_row_layouts(roles)
             layouts = {role: choice.layout for role, choice in self.one_row_choices.items()}
