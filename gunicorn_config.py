@@ -1,7 +1,7 @@
 """Gunicorn settings for serving in production with uvicorn workers.
 
     NANOGPT_MANIFEST=/srv/artifacts/deployment/current.json NANOGPT_API_KEYS=sk-... \\
-    NANOGPT_BIND=0.0.0.0:8000 gunicorn --config gunicorn_config.py serving.app:app
+    NANOGPT_BIND=0.0.0.0:5001 gunicorn --config gunicorn_config.py serving.app:app
 
 (the app argument may be left out: it defaults to `serving.app:app`).
 
@@ -11,7 +11,7 @@ engine, so memory grows with the worker count and the CPU cores are split betwee
 workers. Everything else is configured through the same NANOGPT_* variables as
 `python -m serving` (see docs/DEPLOYMENT.md), plus:
 
-    NANOGPT_BIND               address to listen on (127.0.0.1:8000)
+    NANOGPT_BIND               address to listen on (127.0.0.1:5001)
     NANOGPT_WORKERS            worker processes (one per core, at most 4)
     NANOGPT_GRACEFUL_TIMEOUT   whole seconds a stopping worker gets to finish its streams (30)
     PROMETHEUS_MULTIPROC_DIR   where the workers' metrics meet (a folder in the temp dir)
@@ -29,7 +29,8 @@ _OWN_METRICS_DIR = Path(tempfile.gettempdir()) / f"nanogpt-metrics-{os.getpid()}
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_OWN_METRICS_DIR))
 METRICS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
-from serving.settings import SettingsError, is_loopback, settings_from_environment  # noqa: E402
+from serving.settings import (DEFAULT_PORT, SettingsError, is_loopback, parse_key_list,  # noqa: E402
+                              settings_from_environment)
 
 _MOST_DEFAULT_WORKERS = 4  # each worker holds a model and its KV cache; more is a choice, not a default
 
@@ -54,7 +55,7 @@ def _positive_from_environment(name: str, kind: type, default):
     return value
 
 
-bind = [os.environ.get("NANOGPT_BIND", "127.0.0.1:8000")]
+bind = [os.environ.get("NANOGPT_BIND", f"127.0.0.1:{DEFAULT_PORT}")]
 workers = _positive_from_environment("NANOGPT_WORKERS", int,
                                      max(1, min(_available_cores(), _MOST_DEFAULT_WORKERS)))
 # Drains in-flight streams on shutdown and on SIGHUP within graceful_timeout (serving/drain.py).
@@ -68,6 +69,11 @@ preload_app = False
 timeout = 120
 graceful_timeout = _positive_from_environment("NANOGPT_GRACEFUL_TIMEOUT", int, 30)
 keepalive = 5
+# Gunicorn's own default believes X-Forwarded-For from 127.0.0.1 and ::1 (or $FORWARDED_ALLOW_IPS),
+# and the uvicorn worker passes it on: any local process could then claim a new address per
+# request and escape the per-address limits. Only the proxies named here are believed; none by
+# default (checked with the other settings below, and the worker then skips the header entirely).
+forwarded_allow_ips = ",".join(parse_key_list(os.environ.get("NANOGPT_FORWARDED_ALLOW_IPS")))
 accesslog = "-"
 errorlog = "-"
 # Gunicorn's control socket sits at one path per user, which a second server on the machine

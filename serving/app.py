@@ -99,7 +99,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(CallerLimitsMiddleware, limits=caller_limits, keyed=settings.requires_auth)
     app.add_middleware(JSONBodiesOnly)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, docs_enabled=settings.enable_docs)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, docs_enabled=settings.enable_docs,
+                       metrics_need_key=settings.metrics_need_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],

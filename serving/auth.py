@@ -13,9 +13,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.http_guards import refuse
 
-# /health, /metrics and the chat page stay public.
+# /health and the chat page stay public; /metrics too unless the operator asks otherwise.
 API_PATHS = ("/v1",)
 DOCS_PATHS = ("/docs", "/openapi.json")
+METRICS_PATHS = ("/metrics",)
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -36,11 +37,13 @@ class APIKeyMiddleware:
     outside this one answers them).
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], docs_enabled: bool = False):
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], docs_enabled: bool = False,
+                 metrics_need_key: bool = False):
         self.app = app
         self._keys = tuple(k.encode("utf-8") for k in keys)
         # Switched off, the schema pages are a plain 404 for everyone.
-        self._protected = API_PATHS + DOCS_PATHS if docs_enabled else API_PATHS
+        self._protected = (API_PATHS + (DOCS_PATHS if docs_enabled else ())
+                           + (METRICS_PATHS if metrics_need_key else ()))
 
     def protects(self, path: str) -> bool:
         return path.startswith(self._protected)

@@ -10,6 +10,7 @@ from pathlib import Path
 from nanogpt_core.deployment_manifest import DEFAULT_MODEL_ID, ManifestError, read_manifest
 from serving.settings import (
     API_KEYS_ENV,
+    DEFAULT_PORT,
     LOBECHAT_LOCAL_ORIGINS,
     MIB,
     SINGLE_ROW_LAYOUTS,
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--manifest", type=Path,
                         help="serve the deployment this manifest names, and follow it when it changes")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
                         help="alias for a bare --checkpoint (a manifest names its own)")
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "redis://HOST:PORT/DB (shared by every worker and server using it)")
     parser.add_argument("--rate-limit-namespace", default="nanogpt",
                         help="prefix of the counters in shared storage; servers that share one count together")
+    parser.add_argument("--forwarded-allow-ips", default="",
+                        help="comma-separated addresses or networks of the reverse proxies in front of the server, "
+                             "whose X-Forwarded-For names the client (for per-address limits and logs); default: "
+                             "none, the header is ignored. The RFC 7239 Forwarded header is always ignored")
+    parser.add_argument("--expose-paths", action="store_true",
+                        help="show absolute server paths in /v1/models (default: file names only)")
+    parser.add_argument("--metrics-need-key", action="store_true",
+                        help="require the API key on /metrics (default: public, like /health)")
     parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together per step")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 503")
     parser.add_argument("--default-max-tokens", type=int, default=512,
@@ -92,7 +101,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_hosts=tuple(parse_key_list(args.allowed_hosts)) or None, max_request_bytes=args.max_request_bytes,
         enable_docs=args.enable_docs, key_requests_per_minute=args.key_requests_per_minute,
         key_concurrent_requests=args.key_concurrent_requests, rate_limit_storage=args.rate_limit_storage,
-        rate_limit_namespace=args.rate_limit_namespace, max_batch=args.max_batch,
+        rate_limit_namespace=args.rate_limit_namespace,
+        forwarded_allow_ips=tuple(parse_key_list(args.forwarded_allow_ips)), expose_paths=args.expose_paths,
+        metrics_need_key=args.metrics_need_key, max_batch=args.max_batch,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, threads=args.threads,
         device=args.device, weights=args.weights, single_row_layout=args.single_row_layout,
         poll_interval_s=args.poll_interval)
@@ -122,8 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"nanogpt-serve: --graceful-timeout: {e}")
     drain = Drain(drain_s)
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise (and FORWARDED_ALLOW_IPS
+    # from the environment); here only the proxies the operator named are believed.
     config = uvicorn.Config(DrainMiddleware(create_app(settings), drain), host=settings.host, port=settings.port,
                             log_level=args.log_level, lifespan="on",
+                            proxy_headers=bool(settings.forwarded_allow_ips),
+                            forwarded_allow_ips=list(settings.forwarded_allow_ips),
                             timeout_graceful_shutdown=max(0.0, hard_s - ACCEPTED_REQUESTS_READ_S))
     DrainingServer(config, drain).run()
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nanogpt_core.checkpoint import CheckpointError, load_checkpoint
@@ -49,17 +49,37 @@ class ServedModel:
     scores: dict[str, Any] | None = None
     deployed_at: str | None = None
     report_card: dict[str, Any] | None = None
+    expose_paths: bool = False  # card() shows absolute server paths as they are
 
     @property
     def names(self) -> tuple[str, str]:
         return self.model_id, self.checkpoint_name
 
     def card(self, name: str) -> ModelCard:
+        provenance = {"lineage": {"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
+                      "scores": self.scores, "report_card": self.report_card}
+        if not self.expose_paths:
+            provenance = file_names_only(provenance)
         return ModelCard(id=name, created=self.created, checkpoint=self.checkpoint_name,
                          context_length=self.context_length, weights=self.weights,
                          weight_layouts=self.weight_layouts, deployment_id=self.deployment_id,
-                         lineage={"step": self.step, "checkpoint_path": self.checkpoint_path, **self.lineage},
-                         scores=self.scores, deployed_at=self.deployed_at, report_card=self.report_card)
+                         deployed_at=self.deployed_at, **provenance)
+
+
+def file_names_only(value: Any) -> Any:
+    """`value` with every string that is an absolute path cut to its last component, at any depth.
+
+    The lineage, the manifest and the report card record where the pipeline wrote things on the
+    server (a home directory, a user name, the layout of the artifact store); a client that may
+    list models needs the file's name to tell checkpoints apart, not where it sits.
+    """
+    if isinstance(value, str):
+        return PurePosixPath(value).name if value.startswith("/") else value
+    if isinstance(value, dict):
+        return {key: file_names_only(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [file_names_only(item) for item in value]
+    return value
 
 
 def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
@@ -78,8 +98,20 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
                                       one_row=one_row, timed_before=timed_before),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics, name=name).start()
-    decoder = engine.decoder
     del model  # the decoder keeps its own copies of the weights it needs
+    try:
+        return _served(engine, path, payload, name, settings, manifest, started)
+    except BaseException:
+        # A model that is not installed must not keep its engine thread and its weights: after a
+        # failed swap the server would otherwise hold two models for as long as it runs.
+        engine.stop()
+        engine.decoder = None
+        raise
+
+
+def _served(engine: Engine, path: Path, payload: dict[str, Any], name: str, settings: ServerSettings,
+            manifest: Manifest | None, started: float) -> ServedModel:
+    decoder = engine.decoder
     reused = " (as timed for the previous model of this shape)" if decoder.reused_timed_layouts else ""
     log.info("loaded %s in %.1f s (%s weights%s)", path, time.monotonic() - started, decoder.weights,
              f"; single rows through {decoder.one_row_layouts}{reused}" if decoder.one_row_layouts else "")
@@ -104,6 +136,7 @@ def load_served_model(checkpoint_path: str | Path, settings: ServerSettings, *,
         scores=manifest.scores if manifest else None,
         deployed_at=manifest.deployed_at if manifest else None,
         report_card=_report_card(path),
+        expose_paths=settings.expose_paths,
     )
 
 
@@ -113,7 +146,7 @@ def _report_card(checkpoint: Path) -> dict[str, Any] | None:
         return None
     try:
         return read_card(card_beside(checkpoint))
-    except ReportCardError as e:
+    except (ReportCardError, ValueError) as e:  # ValueError: a file that is not UTF-8 text
         log.warning("serving %s without its report card: %s", checkpoint, e)
         return None
 
@@ -176,8 +209,8 @@ class ModelRegistry:
 class ManifestWatcher:
     """Polls the manifest and installs each new deployment it names.
 
-    A manifest that cannot be read, or a checkpoint that fails to load, is logged and the
-    current model stays; the same file is not retried until it changes again.
+    A manifest that cannot be read, or a deployment that fails to load for any reason, is logged
+    and the current model stays; the same file is not retried until it changes again.
     """
 
     def __init__(self, path: Path, registry: ModelRegistry, settings: ServerSettings,
@@ -236,6 +269,11 @@ class ManifestWatcher:
         except (CheckpointError, OSError) as e:
             log.error("keeping %s: deployment %s failed to load: %s", current.checkpoint_name,
                       manifest.deployment_id, e)
+            return False
+        except Exception:
+            # Whatever else went wrong, the model in service is still sound: keep answering with it.
+            log.exception("keeping %s: deployment %s failed to load", current.checkpoint_name,
+                          manifest.deployment_id)
             return False
         self.registry.install(new)
         if self.on_swap is not None:

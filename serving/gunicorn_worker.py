@@ -9,7 +9,8 @@ after that.
 
 It also runs the app's lifespan in uvicorn's "on" mode, so that any failure while the app
 starts is fatal to the worker (in the default "auto" mode, one raised before the app's own
-lifespan begins is taken to mean the app has no lifespan, and the worker serves on), and names
+lifespan begins is taken to mean the app has no lifespan, and the worker serves on), believes
+X-Forwarded-For only from the proxies named in gunicorn's `forwarded_allow_ips`, and names
 the worker's process id in an `x-worker-pid` header on every answer, so that operators and
 tests can tell which worker answered.
 """
@@ -38,6 +39,9 @@ class DrainingUvicornWorker(UvicornWorker):
         self.drain = Drain(drain_s)
         # uvicorn counts its limit from after the pause in DrainingServer.shutdown.
         self.config.timeout_graceful_shutdown = max(0.0, hard_s - ACCEPTED_REQUESTS_READ_S)
+        # uvicorn's proxy middleware stays out unless proxies are named (gunicorn_config.py
+        # names none by default), so that X-Forwarded-For cannot pick the client's address.
+        self.config.proxy_headers = bool(self.cfg.forwarded_allow_ips)
 
     async def _serve(self) -> None:
         # The stock worker's _serve, with a server that starts the drain and the app wrapped.

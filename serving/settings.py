@@ -21,6 +21,7 @@ API_KEY_FILE_ENV = "NANOGPT_API_KEY_FILE"
 LOBECHAT_LOCAL_ORIGINS = ("http://localhost:3210", "http://127.0.0.1:3210")
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 MIB = 1024 * 1024
+DEFAULT_PORT = 5001  # the address the README, the web UI's instructions and LobeChat's setup give
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 # How the engine holds the linear layers' weights: as trained, or int8 per row (serving.int8).
 WEIGHT_FORMATS = ("fp32", "int8")
@@ -39,7 +40,7 @@ class ServerSettings:
     checkpoint: Path | None = None
     manifest: Path | None = None
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()
     model_id: str = DEFAULT_MODEL_ID  # alias served when a bare checkpoint is given
     cors_origins: tuple[str, ...] = LOBECHAT_LOCAL_ORIGINS
@@ -51,6 +52,11 @@ class ServerSettings:
     key_concurrent_requests: int = 0  # /v1 requests in flight per API key; 0: unlimited
     rate_limit_storage: str = "memory://"  # `limits` storage URI, e.g. redis://127.0.0.1:6379/0
     rate_limit_namespace: str = "nanogpt"  # prefix of the limiter's keys in shared storage
+    # Proxies (IPs or networks) whose X-Forwarded-For names the client; empty: the header is
+    # ignored, since per-address limits on a keyless server would otherwise trust any local caller.
+    forwarded_allow_ips: tuple[str, ...] = ()
+    expose_paths: bool = False  # /v1/models shows absolute server paths, not just file names
+    metrics_need_key: bool = False  # /metrics behind the API key like /v1
     max_batch: int = 8  # samples decoded together per step
     max_queue: int = 64  # requests waiting for a slot before new ones get 503
     prefill_chunk: int = 256  # prompt tokens processed between two decode steps
@@ -94,6 +100,11 @@ class ServerSettings:
                                 f"supports: use memory:// or redis://host:port/db")
         if not self.rate_limit_namespace.strip():
             raise SettingsError("rate_limit_namespace must not be empty")
+        for address in self.forwarded_allow_ips:
+            check_proxy_address(address)
+        if self.metrics_need_key and not self.api_keys:
+            raise SettingsError("metrics_need_key asks for the API key on /metrics, but no API key is configured: "
+                                f"set {API_KEYS_ENV} or give a key file (--api-key-file or {API_KEY_FILE_ENV})")
         if not self.api_keys and not is_loopback(self.host):
             raise SettingsError(
                 f"refusing to listen on {self.host} without an API key: set {API_KEYS_ENV} (comma-separated) "
@@ -150,6 +161,15 @@ def check_host_pattern(pattern: str) -> None:
     if not name or any(c in name for c in "/:*@[] "):
         raise SettingsError(f"allowed host {pattern!r} is not a host name (give it without scheme or port; "
                             "'*.example.org' for subdomains, '*' for any)")
+
+
+def check_proxy_address(address: str) -> None:
+    """A proxy to take X-Forwarded-For from: an IP address or a network such as 10.0.0.0/8."""
+    try:
+        ipaddress.ip_network(address)
+    except ValueError:
+        raise SettingsError(f"forwarded-allow address {address!r} is not an IP address or network "
+                            "(e.g. 127.0.0.1, ::1 or 10.0.0.0/8, with no host bits set after the '/')") from None
 
 
 def _is_ip(text: str) -> bool:
@@ -210,7 +230,7 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> ServerSe
         checkpoint=Path(checkpoint) if checkpoint else None,
         manifest=Path(manifest) if manifest else None,
         host=env.get("NANOGPT_HOST", "127.0.0.1"),
-        port=number("NANOGPT_PORT", int, 8000),
+        port=number("NANOGPT_PORT", int, DEFAULT_PORT),
         api_keys=collect_api_keys(env.get(API_KEY_FILE_ENV), env),
         model_id=env.get("NANOGPT_MODEL_ID", DEFAULT_MODEL_ID),
         cors_origins=tuple(parse_key_list(env.get("NANOGPT_CORS_ORIGINS", ",".join(LOBECHAT_LOCAL_ORIGINS)))),
@@ -221,6 +241,9 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> ServerSe
         key_concurrent_requests=number("NANOGPT_KEY_CONCURRENT_REQUESTS", int, 0),
         rate_limit_storage=env.get("NANOGPT_RATE_LIMIT_STORAGE") or "memory://",
         rate_limit_namespace=env.get("NANOGPT_RATE_LIMIT_NAMESPACE") or "nanogpt",
+        forwarded_allow_ips=tuple(parse_key_list(env.get("NANOGPT_FORWARDED_ALLOW_IPS"))),
+        expose_paths=parse_flag("NANOGPT_EXPOSE_PATHS", env.get("NANOGPT_EXPOSE_PATHS"), False),
+        metrics_need_key=parse_flag("NANOGPT_METRICS_NEED_KEY", env.get("NANOGPT_METRICS_NEED_KEY"), False),
         max_batch=number("NANOGPT_MAX_BATCH", int, 8),
         max_queue=number("NANOGPT_MAX_QUEUE", int, 64),
         default_max_tokens=number("NANOGPT_DEFAULT_MAX_TOKENS", int, 512),

@@ -140,42 +140,66 @@ def test_guard_defaults_follow_the_address(tmp_path):
     ("key_requests_per_minute", -1, "key_requests_per_minute"),
     ("rate_limit_storage", "mongodb://db:27017", "rate limit storage 'mongodb://db:27017'"),
     ("rate_limit_storage", "127.0.0.1:6379", "rate limit storage '127.0.0.1:6379'"),
+    ("forwarded_allow_ips", ("127.0.0.1", "proxy.internal"), "forwarded-allow address 'proxy.internal'"),
+    ("forwarded_allow_ips", ("10.0.0.1/8",), "forwarded-allow address '10.0.0.1/8'"),
+    ("forwarded_allow_ips", ("*",), "forwarded-allow address '*'"),
 ])
 def test_guard_settings_name_what_is_wrong(tmp_path, field, value, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
         ServerSettings(checkpoint=tmp_path / "m.pt", **{field: value})
 
 
-def test_guard_options_from_flags_and_environment(checkpoint):
+def test_guard_options_from_flags_and_environment(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOGPT_API_KEYS", raising=False)
+    key_file = tmp_path / "keys"
+    key_file.write_text("sk-flags\n")  # /metrics behind the key needs one
     args = build_parser().parse_args([
         "--checkpoint", str(checkpoint), "--cors-origins", "https://chat.example.org, http://localhost:3210",
         "--allowed-hosts", "api.example.org,*.example.net,[::1]", "--max-request-bytes", "4096", "--enable-docs",
         "--key-requests-per-minute", "60", "--key-concurrent-requests", "4",
-        "--rate-limit-storage", "redis://127.0.0.1:6379/0", "--rate-limit-namespace", "prod"])
+        "--rate-limit-storage", "redis://127.0.0.1:6379/0", "--rate-limit-namespace", "prod",
+        "--forwarded-allow-ips", "10.0.0.0/8, ::1", "--expose-paths", "--metrics-need-key",
+        "--api-key-file", str(key_file)])
     from_flags = settings_from_args(args)
     from_env = settings_from_environment({
         "NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_CORS_ORIGINS": "https://chat.example.org,http://localhost:3210",
         "NANOGPT_ALLOWED_HOSTS": "api.example.org, *.example.net, [::1]", "NANOGPT_MAX_REQUEST_BYTES": "4096",
         "NANOGPT_ENABLE_DOCS": "yes", "NANOGPT_KEY_REQUESTS_PER_MINUTE": "60", "NANOGPT_KEY_CONCURRENT_REQUESTS": "4",
-        "NANOGPT_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0", "NANOGPT_RATE_LIMIT_NAMESPACE": "prod"})
+        "NANOGPT_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0", "NANOGPT_RATE_LIMIT_NAMESPACE": "prod",
+        "NANOGPT_FORWARDED_ALLOW_IPS": "10.0.0.0/8,::1", "NANOGPT_EXPOSE_PATHS": "1", "NANOGPT_METRICS_NEED_KEY": "on",
+        "NANOGPT_API_KEYS": "sk-flags"})
     assert from_flags == from_env
     assert from_env.cors_origins == ("https://chat.example.org", "http://localhost:3210")
     assert from_env.allowed_hosts == ("api.example.org", "*.example.net", "[::1]") and from_env.enable_docs
     assert from_env.key_requests_per_minute == 60 and from_env.rate_limit_storage.startswith("redis://")
+    assert from_env.forwarded_allow_ips == ("10.0.0.0/8", "::1") and from_env.expose_paths and from_env.metrics_need_key
     defaults = settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint)})
     assert defaults == settings_from_args(build_parser().parse_args(["--checkpoint", str(checkpoint)]))
+    assert defaults.port == 5001 and defaults.forwarded_allow_ips == ()
+    assert not defaults.expose_paths and not defaults.metrics_need_key
+    with pytest.raises(SettingsError, match="no API key is configured"):
+        settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_METRICS_NEED_KEY": "1"})
     assert settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_CORS_ORIGINS": ""}).cors_origins == ()
     with pytest.raises(SettingsError, match="NANOGPT_ENABLE_DOCS='maybe'"):
         settings_from_environment({"NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_ENABLE_DOCS": "maybe"})
 
 
 def test_gunicorn_config_applies_the_same_rule(checkpoint):
-    env = {**clean_env(), "NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_BIND": "0.0.0.0:8000"}
+    env = {**clean_env(), "NANOGPT_CHECKPOINT": str(checkpoint), "NANOGPT_BIND": "0.0.0.0:5001"}
     refused = subprocess.run([sys.executable, "-c", "import gunicorn_config"], capture_output=True, text=True,
                              timeout=60, env=env, cwd=PROJECT_ROOT)
     assert refused.returncode != 0 and "without an API key" in refused.stderr
     env["NANOGPT_API_KEYS"] = "sk-prod"
-    accepted = subprocess.run([sys.executable, "-c", "import gunicorn_config as g; print(g.worker_class, g.bind)"],
-                              capture_output=True, text=True, timeout=60, env=env, cwd=PROJECT_ROOT)
+    show = "import gunicorn_config as g; print(g.worker_class, g.bind, repr(g.forwarded_allow_ips))"
+    accepted = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=60, env=env,
+                              cwd=PROJECT_ROOT)
     assert accepted.returncode == 0, accepted.stderr
     assert "UvicornWorker" in accepted.stdout  # uvicorn's worker, or a subclass of it
+    # Gunicorn's own default ("127.0.0.1,::1") would believe X-Forwarded-For from any local caller.
+    assert accepted.stdout.split()[-1] == "''"
+    del env["NANOGPT_BIND"]
+    env["NANOGPT_FORWARDED_ALLOW_IPS"] = "10.0.0.0/8, ::1"
+    behind_proxy = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=60, env=env,
+                                  cwd=PROJECT_ROOT)
+    assert behind_proxy.returncode == 0, behind_proxy.stderr
+    assert behind_proxy.stdout.split()[-2:] == ["['127.0.0.1:5001']", "'10.0.0.0/8,::1'"]

@@ -194,6 +194,22 @@ def test_metrics_add_up_every_workers_requests(gunicorn):
     assert [key for key in samples if key[0] == "nanogpt_queue_depth"] == [("nanogpt_queue_depth", ())]
 
 
+def test_a_forwarded_address_is_not_believed_without_a_named_proxy(gunicorn):
+    """Gunicorn's own default would believe X-Forwarded-For from 127.0.0.1; the access log shows
+    who the workers took the client to be."""
+    for probe in range(4):  # a fresh connection each, so that both workers are likely asked
+        response = httpx.get(f"{gunicorn.url}/health?forwarded-probe={probe}", timeout=10,
+                             headers={"X-Forwarded-For": "203.0.113.9"})
+        assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        logged = [line for line in gunicorn.log_path.read_text().splitlines() if "forwarded-probe=" in line]
+        if len(logged) == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(logged) == 4 and all("127.0.0.1:" in line and "203.0.113.9" not in line for line in logged), logged
+
+
 def test_a_manifest_swap_reaches_every_worker(gunicorn):
     new_checkpoint = make_checkpoint(gunicorn.manifest.parent.parent / "run" / "model_00002.pt", seed=2, step=2)
     write_manifest(gunicorn.manifest, new_manifest(checkpoint_path=new_checkpoint, deployment_id="deploy-2"))

@@ -1,4 +1,4 @@
-"""`/v1/models/{id}` returns the report card written beside the deployed checkpoint."""
+"""`/v1/models/{id}` returns the report card written beside the deployed checkpoint, without server paths."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest
 from nanogpt_core.report_card import TEXT_PROMPTS
+from tests.serving.test_leaks import strings
 
 pytestmark = pytest.mark.slow  # against a real server process
 
@@ -38,3 +39,15 @@ def test_the_model_object_carries_its_report_card(deployment):
             assert card["scores"]["previous_deployment"]["acc_norm"] == 0.25
         listed = http.get("/v1/models").json()["data"]
         assert all(model["report_card"] == card for model in listed)
+
+
+def test_no_server_path_is_shown(deployment):
+    """The card, the checkpoint's lineage and the manifest's record absolute paths; clients get file names."""
+    serve_the_first_checkpoint(deployment)
+    with httpx.Client(base_url=deployment.server.url, headers=deployment.headers(), timeout=30) as http:
+        model = http.get("/v1/models/nanogpt").json()
+        listed = http.get("/v1/models").json()
+    assert model["report_card"]["checkpoint"]["path"] == model["lineage"]["checkpoint_path"] == "model_00001.pt"
+    assert not [s for s in strings(model) if s.startswith("/")], model
+    assert not [s for s in strings(listed) if s.startswith("/")], listed
+
