@@ -3,7 +3,7 @@
 Run by `serve_load.py` (`locust --headless -f bench/locustfile.py ...`); usable on its own too:
 
     NANOGPT_LOAD_KEY=sk-... locust -f bench/locustfile.py --headless -u 64 -r 64 -t 60s \\
-        --host http://127.0.0.1:8000
+        --host http://127.0.0.1:5001
 
 Users are numbered as they start. Even-numbered users stream chat completions, odd-numbered
 ones ask for plain completions; every eighth user (numbers 0, 8, 16, ...) streams and hangs
