@@ -2,7 +2,7 @@
 
 Run by `serve_load.py` (`locust --headless -f bench/locustfile.py ...`); usable on its own too:
 
-    NANOGPT_LOAD_KEY=sk-... locust -f bench/locustfile.py --headless -u 64 -r 64 -t 60s \\
+    NANOGPT_LOAD_KEY=sk-... locust -f bench/locustfile.py OpenAIClient --headless -u 64 -r 64 -t 60s \\
         --host http://127.0.0.1:5001
 
 Users are numbered as they start. Even-numbered users stream chat completions, odd-numbered
@@ -15,6 +15,14 @@ the run ends.
 A request counts as failed when the answer is anything but a 200 with a complete body, or a
 429/503 (the server refusing by design: rate limit, full queue, shutting down). A stream is
 complete when it ends with `data: [DONE]` and carries no error event.
+
+`serve_load.py --heavy` names two other classes instead: `HeavyCaller` users send one
+heavy request, read from the JSON file NANOGPT_HEAVY_REQUEST (`{"path", "body"}`), over
+and over with key NANOGPT_HEAVY_KEY, and one `Victim` sends a short greedy chat request
+after another with key NANOGPT_VICTIM_KEY, starting NANOGPT_VICTIM_DELAY_S seconds late so
+that the heavy load is already running. Every victim request must come back whole; its
+latencies, and what became of the heavy requests (done, 429, 503, failed), go into the
+results file.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ PROMPT = "The history of the printing press begins"
 
 _user_numbers = itertools.count()
 _results = {"ttft_s": [], "completion_tokens": 0, "refused_by_design": 0, "hung_up": 0,
-            "streams_completed": 0, "completions_completed": 0}
+            "streams_completed": 0, "completions_completed": 0,
+            "victim_latency_s": [], "victim_tokens": [], "victim_failed": 0,
+            "heavy_latency_s": [], "heavy_refused": {"429": 0, "503": 0}, "heavy_failed": 0}
 
 
 def _headers() -> dict[str, str]:
@@ -131,6 +141,98 @@ class OpenAIClient(HttpUser):
         _results["completion_tokens"] += usage_tokens if usage_tokens is not None else content_chunks
         _results["streams_completed"] += 1
         response.success()
+
+
+# What a victim asks for: short, greedy and not streamed, so its latency is one number.
+VICTIM_BODY = {"model": "nanogpt", "messages": MESSAGES, "max_tokens": 16, "temperature": 0}
+# A heavy user refused by design waits before it asks again, as a well-behaved client would,
+# so that the rows measure the heavy request and not a flood of refusals.
+LONGEST_BACK_OFF_S = 1.0
+
+
+def _bearer(key_variable: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {os.environ[key_variable]}", "Content-Type": "application/json"}
+
+
+def _stream_failure(response) -> str | None:
+    """Why a streamed answer is not complete, or None when it ended with [DONE] and no error event."""
+    try:
+        for line in response.iter_lines(chunk_size=None, decode_unicode=True):
+            if not line or not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                return None
+            # Parsing every event would cost the client more CPU than the check is worth.
+            if '"error"' in data and "error" in json.loads(data):
+                return f"error event: {data[:200]}"
+    except Exception as e:  # a broken connection or a malformed event
+        return f"stream broke: {e!r}"
+    return "stream ended without [DONE]"
+
+
+class Victim(HttpUser):
+    """Another caller's short request, one after another, timed."""
+    fixed_count = 1
+    wait_time = staticmethod(lambda: 0)
+
+    def on_start(self) -> None:
+        time.sleep(float(os.environ.get("NANOGPT_VICTIM_DELAY_S", "0")))
+
+    @task
+    def short_request(self) -> None:
+        started = time.perf_counter()
+        with self.client.post("/v1/chat/completions", json=VICTIM_BODY, headers=_bearer("NANOGPT_VICTIM_KEY"),
+                              name="victim", catch_response=True) as response:
+            elapsed = time.perf_counter() - started
+            try:
+                tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else None
+            except (ValueError, KeyError):
+                tokens = None
+            if tokens is None:
+                _results["victim_failed"] += 1
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+                return
+            _results["victim_latency_s"].append(elapsed)
+            _results["victim_tokens"].append(tokens)
+
+
+class HeavyCaller(HttpUser):
+    """The same heavy but valid request, over and over, from its own key."""
+    wait_time = staticmethod(lambda: 0)
+
+    def on_start(self) -> None:
+        with open(os.environ["NANOGPT_HEAVY_REQUEST"]) as f:
+            request = json.load(f)
+        self.path, self.body = request["path"], request["body"]
+        self.streams = bool(self.body.get("stream"))
+
+    @task
+    def heavy_request(self) -> None:
+        started = time.perf_counter()
+        with self.client.post(self.path, json=self.body, headers=_bearer("NANOGPT_HEAVY_KEY"), name="heavy",
+                              stream=self.streams, catch_response=True) as response:
+            if response.status_code in REFUSED_BY_DESIGN:
+                _results["heavy_refused"][str(response.status_code)] += 1
+                response.success()
+                retry_after = response.headers.get("retry-after", "")
+                time.sleep(min(float(retry_after) if retry_after.isdigit() else 1.0, LONGEST_BACK_OFF_S))
+                return
+            if response.status_code != 200:
+                failure = f"status {response.status_code}: {response.text[:200]}"
+            elif self.streams:
+                failure = _stream_failure(response)
+            else:
+                try:
+                    failure = None if "choices" in response.json() else "no choices in the body"
+                except ValueError as e:
+                    failure = f"the body is not JSON: {e!r}"
+            if failure:
+                _results["heavy_failed"] += 1
+                response.failure(failure)
+                return
+            _results["heavy_latency_s"].append(time.perf_counter() - started)
+            response.success()
 
 
 @events.quitting.add_listener
