@@ -25,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -153,7 +153,7 @@ class _Sequence:
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         self.generator = generator_for(seed, index)
         self.text = TextStream(params.stop)
-        self.counts: Counter[int] = Counter()
+        self.counts = params.token_counts()
         self.generated = 0
         self.next_input = -1
         self.finished = False
@@ -165,7 +165,7 @@ class _Sequence:
         if sampled.token == EOT_TOKEN:
             self._emit(self.text.finish(), [], "stop")
             return
-        self.counts[sampled.token] += 1
+        self.counts.add(sampled.token)
         text = self.text.push(token_bytes[sampled.token])
         if self.text.stopped:
             self._emit(text, [sampled], "stop")

@@ -4,6 +4,11 @@ Each sequence has its own `torch.Generator`, so a request with a `seed` draws th
 numbers whatever else shares its batch. Logprobs are those of the model's distribution
 after penalties and logit bias, before temperature and truncation, as OpenAI reports them.
 
+Every sample of every request is sampled on the engine's one thread, so the work per step
+must not grow with what a client chose: the logit bias is one `index_add_` of tensors built
+when the request is admitted, and the penalties one subtraction of a dense vector kept up to
+date a token at a time, whatever the number of biased tokens or of tokens generated so far.
+
 A temperature below `GREEDY_BELOW_TEMPERATURE` is taken as greedy, as vLLM does: dividing
 by a temperature near zero sends the logits to infinity, and softmax of infinities is NaN.
 Above it, the logits are shifted so that the largest is 0 before they are divided, so that
@@ -14,13 +19,40 @@ always well defined.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
+from nanogpt_core.tokenizer import VOCAB_SIZE
+
 GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True, eq=False)
+class LogitBias:
+    """A request's `logit_bias` as a tensor of token ids and one of the biases to add to them.
+
+    Built once per request and shared by its prompts and samples; `apply` is one tensor
+    operation. A token named twice (as "7" and "07") gets both biases, as it always did.
+    """
+
+    ids: torch.Tensor  # int64, (entries,)
+    values: torch.Tensor  # float32, (entries,)
+
+    @classmethod
+    def of(cls, biases: Iterable[tuple[int, float]]) -> LogitBias:
+        pairs = list(biases)
+        return cls(torch.tensor([token for token, _ in pairs], dtype=torch.long),
+                   torch.tensor([bias for _, bias in pairs], dtype=torch.float32))
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Add the biases to a row of logits (float32), in place."""
+        logits.index_add_(0, self.ids, self.values)
 
 
 @dataclass(frozen=True)
@@ -31,11 +63,64 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    logit_bias: LogitBias | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        # Code that builds parameters by hand (benchmarks, tests) may pass (token, bias) pairs.
+        if self.logit_bias is not None and not isinstance(self.logit_bias, LogitBias):
+            object.__setattr__(self, "logit_bias", LogitBias.of(self.logit_bias) if self.logit_bias else None)
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    def token_counts(self) -> TokenCounts:
+        """The counts one sample keeps of its own tokens: only what its penalties need."""
+        return TokenCounts(self.presence_penalty, self.frequency_penalty) if self.penalised else TokenCounts()
+
+
+class TokenCounts:
+    """How often one sample has generated each token, kept as what the penalties take off each
+    logit: a dense vector over the vocabulary, updated a token at a time.
+
+    The penalties are then one subtraction per step, however many tokens came before. The
+    vector (200 kB for GPT-2's vocabulary) exists only for a sample with a penalty, from its
+    first token on.
+    """
+
+    def __init__(self, presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        self.tracked = bool(presence_penalty or frequency_penalty)
+        self.total = 0  # tokens added, tracked or not
+        self._counts: dict[int, int] = {}  # at most one entry per token generated
+        self._penalties: torch.Tensor | None = None
+
+    def add(self, token: int) -> None:
+        self.total += 1
+        if not self.tracked:
+            return
+        if self._penalties is None or token >= self._penalties.numel():
+            grown = torch.zeros(max(token + 1, VOCAB_SIZE))
+            if self._penalties is not None:
+                grown[:self._penalties.numel()] = self._penalties
+            self._penalties = grown
+        count = self._counts[token] = self._counts.get(token, 0) + 1
+        self._penalties[token] = self.presence_penalty + count * self.frequency_penalty
+
+    def __bool__(self) -> bool:
+        return self._penalties is not None
+
+    def penalise(self, logits: torch.Tensor) -> None:
+        """Lower each generated token's logit (float32, in place) by presence + count * frequency."""
+        if self._penalties is None:
+            return
+        size = min(logits.numel(), self._penalties.numel())
+        logits[:size] -= self._penalties[:size]
 
 
 @dataclass
@@ -52,19 +137,16 @@ def generator_for(seed: int, index: int) -> torch.Generator:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                 counts: Counter[int]) -> SampledToken:
+                 counts: TokenCounts) -> SampledToken:
     """One token from a row of logits (vocab,), given how often each token was generated so far."""
     logits = logits.float()
-    penalise = bool(counts) and bool(params.presence_penalty or params.frequency_penalty)
-    if penalise or params.logit_bias:
+    penalise = bool(counts)
+    if penalise or params.logit_bias is not None:
         logits = logits.clone()
     if penalise:
-        ids = torch.tensor(list(counts.keys()), dtype=torch.long)
-        seen = torch.tensor(list(counts.values()), dtype=logits.dtype)
-        logits[ids] -= seen * params.frequency_penalty + params.presence_penalty
-    if params.logit_bias:
-        for token, bias in params.logit_bias:
-            logits[token] += bias
+        counts.penalise(logits)
+    if params.logit_bias is not None:
+        params.logit_bias.apply(logits)
 
     if params.temperature < GREEDY_BELOW_TEMPERATURE:
         token = int(torch.argmax(logits))
