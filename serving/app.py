@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from serving.auth import APIKeyMiddleware
 from serving.deployments import ManifestWatcher, ModelRegistry, initial_model
-from serving.errors import install_error_handlers
+from serving.errors import ASCIIJSONResponse, install_error_handlers
 from serving.metrics import RequestMetricsMiddleware, ServerMetrics
 from serving.http_guards import BodySizeLimit, HostAllowList, JSONBodiesOnly
 from serving.openai_api import router as openai_router
@@ -58,6 +58,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             registry.shutdown()
 
     app = FastAPI(title="nanogpt-pipeline", version="1", lifespan=lifespan, redoc_url=None,
+                  default_response_class=ASCIIJSONResponse,
                   docs_url="/docs" if settings.enable_docs else None,
                   openapi_url="/openapi.json" if settings.enable_docs else None)
     app.state.settings = settings

@@ -7,11 +7,17 @@ anything unexpected becomes a 500 in that shape rather than a bare traceback.
 No exception text ever reaches a client: a server-side failure is logged with a request id,
 and the client gets a generic message carrying that id (also in the `x-request-id` header)
 so that the two can be matched up.
+
+Every JSON answer is written with non-ASCII characters escaped. A client's text can be
+echoed (a model name in a 404), and valid JSON may carry a lone surrogate (`"\\ud800"`) that
+no UTF-8 encodes: written as `\\ud800`, it is returned as sent instead of failing the answer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +30,16 @@ from serving.schemas import ErrorDetail, ErrorResponse
 log = logging.getLogger("serving")
 
 REQUEST_ID_HEADER = "x-request-id"
+
+
+def ascii_json(content: Any) -> str:
+    """JSON with every non-ASCII character escaped, so that any string at all can be written."""
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+class ASCIIJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return ascii_json(content).encode("ascii")
 
 
 def request_id_of(request: Request) -> str:
@@ -60,7 +76,7 @@ class APIError(Exception):
 def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return ASCIIJSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -124,6 +140,8 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     # client only cares about the field.
     loc = [p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "float", "bool"}
            and not p.startswith(("constrained-", "function-"))]
+    if loc[:1] == ["logit_bias"]:
+        loc = loc[:1]  # what follows is the client's own key, not a parameter
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":

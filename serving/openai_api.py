@@ -13,6 +13,7 @@ did: the alias, or the checkpoint name.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
@@ -39,6 +40,8 @@ from serving.engine import (
 from serving.errors import (
     REQUEST_ID_HEADER,
     APIError,
+    ASCIIJSONResponse,
+    ascii_json,
     context_length_exceeded,
     invalid_request,
     overloaded,
@@ -46,7 +49,7 @@ from serving.errors import (
     server_error,
 )
 from serving.metrics import ServerMetrics
-from serving.sampling import SampledToken, SamplingParams
+from serving.sampling import LogitBias, SampledToken, SamplingParams
 from serving.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -193,7 +196,7 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -
             # too reads to the model as the start of a document.
             prompts.append([EOT_TOKEN] + enc.encode_ordinary(item))
         else:
-            if any(not 0 <= t < VOCAB_SIZE for t in item):
+            if min(item) < 0 or max(item) >= VOCAB_SIZE:  # each list has a token (the schema says so)
                 raise invalid_request(f"Token ids in 'prompt' must lie in [0, {VOCAB_SIZE}).", param="prompt")
             prompts.append(list(item))
     return prompts
@@ -243,16 +246,6 @@ def _sampling_params(body, requested_max: int | None, prompt_tokens: Sequence[in
     n = body.n or 1
     if n > settings.max_batch:
         raise invalid_request(f"n must be at most {settings.max_batch} on this server.", param="n")
-    bias = []
-    for key, value in (body.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
-        if not 0 <= token < VOCAB_SIZE:
-            raise invalid_request(f"logit_bias keys must be token ids in [0, {VOCAB_SIZE}), got {key!r}.",
-                                  param="logit_bias")
-        bias.append((token, float(value)))
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -260,12 +253,22 @@ def _sampling_params(body, requested_max: int | None, prompt_tokens: Sequence[in
         top_k=body.top_k or 0,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=tuple(bias),
+        logit_bias=_logit_bias(body.token_biases),  # keys checked when the body was validated
         stop=body.stop_sequences(),
         seed=body.seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _logit_bias(biases: tuple[tuple[int, float], ...]) -> LogitBias | None:
+    """The bias tensors of one request, shared by its prompts.
+
+    A request's prompts get their parameters one after another with no await in between,
+    so the one entry cached is that request's.
+    """
+    return LogitBias.of(biases) if biases else None
 
 
 def _submit(job: _Job, request: Request, model_name: str | None,
@@ -315,7 +318,7 @@ async def _run(job: _Job, request: Request, model_name: str | None, served: Serv
         raise invalid_request(e.message, param=e.param, code=e.code) from None
     except EngineClosed:
         raise overloaded() from None
-    return JSONResponse(result.model_dump(mode="json"), headers={REQUEST_ID_HEADER: request_id})
+    return ASCIIJSONResponse(result.model_dump(mode="json"), headers={REQUEST_ID_HEADER: request_id})
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
@@ -405,10 +408,13 @@ def _stream_error(error: Exception, request_id: str) -> APIError:
 def _sse_error(error: APIError) -> str:
     body = ErrorResponse(error=ErrorDetail(message=error.message, type=error.type, param=error.param,
                                            code=error.code))
-    return f"data: {body.model_dump_json()}\n\n"
+    return f"data: {ascii_json(body.model_dump())}\n\n"
 
 
 def _sse(chunk: BaseModel, include_usage: bool) -> str:
+    # pydantic's writer fails on a lone surrogate; none can be here, since the only client text
+    # a chunk echoes is the model's name, which the schema checks, and generated text is decoded
+    # with U+FFFD for what is not UTF-8.
     exclude = None if include_usage else {"usage"}
     return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
 
@@ -428,7 +434,10 @@ def _chat_logprobs(tokens: list[SampledToken]) -> ChoiceLogprobs:
     content = []
     for t in tokens:
         text, raw = _token_text(t.token)
-        top = [TopLogprob(token=_token_text(i)[0], logprob=lp, bytes=_token_text(i)[1]) for i, lp in t.top]
+        top = []
+        for i, lp in t.top:
+            top_text, top_raw = _token_text(i)
+            top.append(TopLogprob(token=top_text, logprob=lp, bytes=top_raw))
         content.append(TokenLogprob(token=text, logprob=t.logprob, bytes=raw, top_logprobs=top))
     return ChoiceLogprobs(content=content)
 

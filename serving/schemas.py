@@ -3,13 +3,29 @@
 Requests are validated strictly (a string where a number belongs is an error, as OpenAI
 treats it) and unknown fields are ignored, because real clients send extras (`user`,
 `parallel_tool_calls`, ...) that a plain text model has no use for.
+
+Text from a client may not hold a lone surrogate (`"\\ud800"` is valid JSON, but no UTF-8
+encodes it): it would otherwise reach the tokenizer, and any answer that echoes it, as a
+character that cannot be written out.
 """
 
 from __future__ import annotations
 
+import re
+from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from nanogpt_core.tokenizer import VOCAB_SIZE
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 # Held-back text and the stop-string matchers grow with a stop string's length; no real
@@ -17,6 +33,34 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_N = 8
+# OpenAI's limit. The bias is one tensor operation per step whatever its size, but the
+# entries are parsed and checked per request on the event loop.
+MAX_LOGIT_BIAS = 300
+# Validating and rendering a chat costs per message, on the event loop. A chat this long does
+# not fit a GPT-2 context (1,024 tokens) anyway: every message that is not empty renders to a
+# few tokens at least. Checked before the messages themselves are validated.
+MAX_MESSAGES = 1024
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    if not text.isascii() and _LONE_SURROGATE.search(text):
+        raise ValueError("the text holds a lone UTF-16 surrogate (such as \\ud800), which is not a character; "
+                         "send valid Unicode")
+    return text
+
+
+def _no_lone_surrogates_in_any(texts: list[str]) -> list[str]:
+    # One scan of the joined texts rather than a Python call per item: a 1 MiB list of
+    # one-letter strings has a quarter of a million of them.
+    _no_lone_surrogates("".join(texts))
+    return texts
+
+
+# Any text a client sends that is read, echoed or tokenized.
+ClientText = Annotated[str, AfterValidator(_no_lone_surrogates)]
+ClientTexts = Annotated[list[str], AfterValidator(_no_lone_surrogates_in_any)]
 
 
 class _Request(BaseModel):
@@ -29,13 +73,13 @@ class StreamOptions(_Request):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: ClientText
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: ClientText | list[TextContentPart] | None = None
+    name: ClientText | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -44,12 +88,12 @@ class ChatMessage(_Request):
 
 
 class _SamplingFields(_Request):
-    model: str | None = None
+    model: ClientText | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's; llama.cpp and vLLM take it
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: ClientText | Annotated[ClientTexts, Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's is an int64
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = False
@@ -57,7 +101,32 @@ class _SamplingFields(_Request):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: str | None = None
+    user: ClientText | None = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_is_small(cls, logit_bias: object) -> object:
+        # Before the entries are validated, so that a larger one costs nothing more.
+        if isinstance(logit_bias, dict) and len(logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(logit_bias)}")
+        return logit_bias
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys_are_token_ids(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in logit_bias or ():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < VOCAB_SIZE:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {VOCAB_SIZE}), got {key[:32]!r}")
+        return logit_bias
+
+    @cached_property
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs, its keys parsed once for all of a request's prompts."""
+        return tuple((int(key), float(bias)) for key, bias in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -81,6 +150,13 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages_are_few(cls, messages: object) -> object:
+        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+            raise ValueError(f"a chat may have at most {MAX_MESSAGES} messages, got {len(messages)}")
+        return messages
+
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
@@ -92,12 +168,12 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)] \
+    prompt: ClientText | Annotated[ClientTexts, Field(min_length=1)] \
         | Annotated[list[int], Field(min_length=1)] \
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # OpenAI's legacy limit
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: ClientText | None = None
 
 
 # --- responses ---------------------------------------------------------------------------

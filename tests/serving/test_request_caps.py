@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serving.schemas import MAX_STOP_SEQUENCE_CHARS
+from serving.schemas import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCE_CHARS
 from serving.text_stream import TextStream
 
 CHAT = "/v1/chat/completions"
@@ -53,3 +53,27 @@ def test_text_held_back_for_a_long_stop_string_never_exceeds_it():
     released = "".join(stream.push(b"a" * 7) for _ in range(200))
     assert len(released) == 7 * 200 - (MAX_STOP_SEQUENCE_CHARS - 1)  # only a stop string's worth waits
     assert stream.push(b"b") == "" and stream.stopped
+
+
+@pytest.mark.slow
+def test_logit_bias_names_at_most_300_tokens(http):
+    assert MAX_LOGIT_BIAS == 300  # OpenAI's limit
+    # " the" (262) pushed far up, and 299 other tokens slightly down: greedy decoding says " the".
+    at_limit = {str(token): -1.0 for token in range(1000, 1000 + MAX_LOGIT_BIAS - 1)} | {"262": 100.0}
+    body = {"prompt": "Once", "max_tokens": 3, "n": 2, "temperature": 0, "logit_bias": at_limit}
+    ok = http.post(COMPLETIONS, json=body)
+    assert ok.status_code == 200, ok.text
+    assert [choice["text"] for choice in ok.json()["choices"]] == [" the the the"] * 2
+    over = at_limit | {"7": 1.0}
+    for path, body in ((CHAT, {"messages": HELLO}), (COMPLETIONS, {"prompt": "Once"})):
+        message = assert_rejected(http.post(path, json={**body, "max_tokens": 1, "logit_bias": over}), "logit_bias")
+        assert "at most 300" in message and "301" in message
+
+
+@pytest.mark.slow
+def test_a_chat_has_a_message_limit(http):
+    # Empty turns render to nothing, so a chat of exactly the limit still fits the context.
+    at_limit = [{"role": "assistant", "content": ""}] * (MAX_MESSAGES - 1) + HELLO
+    assert http.post(CHAT, json={"messages": at_limit, "max_tokens": 1}).status_code == 200
+    message = assert_rejected(http.post(CHAT, json={"messages": HELLO + at_limit, "max_tokens": 1}), "messages")
+    assert str(MAX_MESSAGES) in message
