@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-need-key", action="store_true",
                         help="require the API key on /metrics (default: public, like /health)")
     parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together per step")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 503")
+    parser.add_argument("--max-queue", type=int, default=64, help="completions waiting for a slot before new requests get 503; a quarter of it is one "
+                             "caller's share (429 beyond)")
     parser.add_argument("--default-max-tokens", type=int, default=512,
                         help="completion length when a request gives none")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -117,6 +117,13 @@ def overloaded(retry_after_s: int = 1) -> APIError:
                     code="server_overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
+def over_share(waiting: int, share: int, retry_after_s: int) -> APIError:
+    """429 for a caller whose own completions already fill its share of the queue (serving.fair_share)."""
+    return APIError(429, f"You have {waiting} completions waiting for this server; each caller may have at most "
+                         f"{share} waiting at once. Please retry when some of them have started.",
+                    type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
+
+
 def _most_telling(errors: list[dict]) -> dict:
     """The first error about the first faulty field, preferring one that says more than "wrong type".
 

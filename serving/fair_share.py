@@ -4,9 +4,11 @@ A caller is an API key, or the client's address on a server without keys (the sa
 the per-caller limits use, `serving.rate_limits.caller_identity`). Two shares, each tied to
 the engine size it divides:
 
-- Decode slots: while another caller has work waiting, no caller holds more than half of
-  `max_batch`. With nobody else waiting, one caller may fill every slot; when someone else
-  arrives, the slots held beyond the share are handed over (see `serving.engine`).
+- Decode slots: while another caller has work waiting, no caller holds more than an equal
+  part of `max_batch` among the callers that hold or want slots (half with two callers, a
+  third with three, at least one). With nobody else waiting, one caller may fill every slot;
+  when someone else arrives, the slots held beyond the share are handed over (see
+  `serving.engine`).
 - The queue: a caller may have at most a quarter of `max_queue` completions waiting, so that
   three callers at their share still leave room for the others. The same number bounds a
   single request, since a request larger than its caller's share could never be queued.
@@ -15,9 +17,9 @@ the engine size it divides:
 from __future__ import annotations
 
 
-def caller_slot_share(max_batch: int) -> int:
-    """Decode slots one caller may hold while another caller waits."""
-    return max(1, max_batch // 2)
+def caller_slot_share(max_batch: int, callers: int = 2) -> int:
+    """Decode slots one caller may hold while another caller waits, with `callers` holding or wanting slots."""
+    return max(1, max_batch // max(2, callers))
 
 
 def caller_queue_share(max_queue: int) -> int:

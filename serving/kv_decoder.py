@@ -52,6 +52,19 @@ class _LayerWeights:
         return self.attn, self.attn_proj, self.fc, self.mlp_proj
 
 
+@dataclass(frozen=True)
+class SavedCache:
+    """A slot's keys and values, copied out of the cache (all layers, its `length` positions)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
 class BatchDecoder:
     """The model's weights plus a per-slot KV cache; not thread-safe (one engine thread owns it)."""
 
@@ -165,15 +178,16 @@ class BatchDecoder:
     def free_slots(self) -> int:
         return self.max_batch - self.n_active
 
-    def allocate(self, copy_from: int | None = None) -> int:
-        """A new slot at the end of the active range: empty, or holding `copy_from`'s cache."""
+    def allocate(self, copy_from: int | None = None, length: int | None = None) -> int:
+        """A new slot at the end of the active range: empty, or holding `copy_from`'s cache (its
+        first `length` positions, when given)."""
         if self.n_active >= self.max_batch:
             raise RuntimeError("no free slot")
         slot = self.n_active
         self.n_active += 1
         self.lengths[slot] = 0
         if copy_from is not None:
-            self.copy_slot(copy_from, slot)
+            self.copy_slot(copy_from, slot, length)
         return slot
 
     def clear(self, slot: int) -> None:
@@ -185,12 +199,28 @@ class BatchDecoder:
         self.n_active = 0
 
     @torch.inference_mode()
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Give `dst` the cached prompt of `src` (several samples of one prompt share a prefill)."""
-        n = self.lengths[src]
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Give `dst` the cache of `src`, or its first `length` positions: several samples of one
+        prompt share a prefill, also when some start later than others."""
+        n = self.lengths[src] if length is None else length
+        if n > self.lengths[src]:
+            raise ValueError(f"slot {src} holds {self.lengths[src]} positions, not {n}")
         self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
         self.values[:, dst, :, :n] = self.values[:, src, :, :n]
         self.lengths[dst] = n
+
+    @torch.inference_mode()
+    def save(self, slot: int) -> SavedCache:
+        """A copy of a slot's cache, to set aside while the slot serves something else."""
+        n = self.lengths[slot]
+        return SavedCache(self.keys[:, slot, :, :n].clone(), self.values[:, slot, :, :n].clone(), n)
+
+    @torch.inference_mode()
+    def restore(self, slot: int, saved: SavedCache) -> None:
+        """Put a saved cache back into a slot, exactly as it was."""
+        self.keys[:, slot, :, :saved.length] = saved.keys
+        self.values[:, slot, :, :saved.length] = saved.values
+        self.lengths[slot] = saved.length
 
     def release(self, slot: int) -> int | None:
         """Free a slot; returns the slot that moved into its place (its old index), if any."""

@@ -47,11 +47,13 @@ class ServerMetrics:
                                           ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         # Set from the engines rather than read at scrape time (set_function): a scrape under
         # gunicorn reads every worker's files, not the other workers' engines.
-        self.queue_depth = Gauge("nanogpt_queue_depth", "Requests waiting for a decode slot",
+        self.queue_depth = Gauge("nanogpt_queue_depth", "Samples waiting for a decode slot (not started, or preempted)",
                                  multiprocess_mode="livesum", registry=r)
         self.active_sequences = Gauge("nanogpt_active_sequences", "Samples being decoded",
                                       multiprocess_mode="livesum", registry=r)
         self.model_swaps = Counter("nanogpt_model_swaps", "Deployments installed after start-up", registry=r)
+        self.preemptions = Counter("nanogpt_preemptions", "Samples preempted to hand a slot to another caller",
+                                   registry=r)
 
     # the engine's hooks
     def observe_time_to_first_token(self, seconds: float) -> None:
@@ -59,6 +61,9 @@ class ServerMetrics:
 
     def add_completion_tokens(self, n: int) -> None:
         self.completion_tokens.inc(n)
+
+    def count_preemption(self) -> None:
+        self.preemptions.inc()
 
     def track_load(self, queue_depth: Callable[[], float], active_sequences: Callable[[], float]) -> None:
         """Report these as the load gauges, whichever engines they count at the time.

@@ -29,6 +29,7 @@ from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
 from nanogpt_core.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 from serving.deployments import ModelRegistry, ServedModel
 from serving.engine import (
+    CallerOverShare,
     ChoiceEvent,
     EngineClosed,
     EngineFailed,
@@ -44,11 +45,14 @@ from serving.errors import (
     ascii_json,
     context_length_exceeded,
     invalid_request,
+    over_share,
     overloaded,
     request_id_of,
     server_error,
 )
+from serving.fair_share import caller_queue_share
 from serving.metrics import ServerMetrics
+from serving.rate_limits import caller_identity
 from serving.sampling import LogitBias, SampledToken, SamplingParams
 from serving.schemas import (
     AssistantMessage,
@@ -155,13 +159,9 @@ async def completions(body: CompletionRequest, request: Request):
     return await _run(job, request, body.model, served, chat=False)
 
 
-def _max_completions_per_request(settings: ServerSettings) -> int:
-    """Half the queue, so that no single request can fill it and shut everyone else out."""
-    return max(1, settings.max_queue // 2)
-
-
 def _check_request_size(prompt_count: int, n: int, settings: ServerSettings) -> None:
-    limit = _max_completions_per_request(settings)
+    # A request larger than its caller's share of the queue could never be queued.
+    limit = caller_queue_share(settings.max_queue)
     if prompt_count * n > limit:
         raise invalid_request(
             f"This request asks for {prompt_count * n} completions (prompts: {prompt_count}, n: {n}); "
@@ -217,6 +217,11 @@ class _Job:
 
     def params_for(self, i: int) -> SamplingParams:
         return self.per_prompt_params[i] if self.per_prompt_params else self.params
+
+
+def _caller(request: Request) -> str:
+    """Whose share a request counts against: the same identity the per-caller limits use."""
+    return caller_identity(request.scope, keyed=_settings(request).requires_auth)
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -279,14 +284,17 @@ def _submit(job: _Job, request: Request, model_name: str | None,
         generations: list[Generation] = []
         try:
             for i, prompt in enumerate(job.prompts):
-                generation = Generation(prompt, job.params_for(i), job.n, request_id=request_id)
+                generation = Generation(prompt, job.params_for(i), job.n, request_id=request_id,
+                                        caller=_caller(request))
                 served.engine.submit(generation)
                 generations.append(generation)
-        except (QueueFull, EngineClosed, RequestRejected) as e:
+        except (QueueFull, CallerOverShare, EngineClosed, RequestRejected) as e:
             for generation in generations:
                 generation.cancel()
             if isinstance(e, RequestRejected):
                 raise invalid_request(e.message, param=e.param, code=e.code) from None
+            if isinstance(e, CallerOverShare):
+                raise over_share(e.waiting, e.share, e.retry_after_s) from None
             if isinstance(e, QueueFull):
                 raise overloaded() from None
             # A new deployment was installed in between: the alias now names it.

@@ -136,6 +136,20 @@ def generator_for(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token drawn from a distribution (vocab,): the first whose running sum of probabilities
+    passes one uniform number from the sample's generator.
+
+    `torch.multinomial` does the same job in 2-3 ms for GPT-2's vocabulary on one CPU thread, ten
+    times this, and it runs once per sample per step on the engine's one thread. The sum is kept
+    in float64 so that its rounding cannot shift mass between tokens; a token of probability 0
+    has the same running sum as the one before it and so is never drawn.
+    """
+    cumulative = probs.cumsum(0, dtype=torch.float64)
+    point = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    return min(int(torch.searchsorted(cumulative, point, right=True)), probs.numel() - 1)
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
                  counts: TokenCounts) -> SampledToken:
     """One token from a row of logits (vocab,), given how often each token was generated so far."""
@@ -163,8 +177,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
             drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
             drop[0] = False
             scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-        probs = torch.softmax(scaled, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        token = draw(torch.softmax(scaled, dim=-1), generator)
 
     if not params.logprobs:
         return SampledToken(token)

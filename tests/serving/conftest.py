@@ -25,7 +25,7 @@ from nanogpt_core.report_card import build_report_card, card_beside, write_card
 from tests.helpers.ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-API_KEYS = ("sk-test-first", "sk-test-second")
+API_KEYS = ("sk-test-first", "sk-test-second", "sk-test-third")
 SMALL_MODEL = GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64)
 
 

@@ -68,7 +68,7 @@ def fail_sampling_of_marked_requests(monkeypatch, app) -> list[int]:
     batch_sizes: list[int] = []
 
     def sample_token(logits, params, generator, counts):
-        if params.seed == FAULT_SEED and sum(counts.values()) == 3:
+        if params.seed == FAULT_SEED and counts.total == 3:
             batch_sizes.append(app.state.registry.current.engine.active_sequences)
             raise RuntimeError("injected sampling fault")
         return real_sample_token(logits, params, generator, counts)

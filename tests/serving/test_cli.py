@@ -76,19 +76,30 @@ def test_keys_from_a_key_file_and_a_full_queue(checkpoint, tmp_path):
             assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
         assert httpx.get(url, headers={"Authorization": "Bearer sk-file"}, timeout=10).status_code == 401
 
-        # One slot and one place in the queue: of three long streams at once, one is turned away.
-        # No <|endoftext|>, so that neither admitted stream can end early and free its place.
+        # One slot and one place in the queue, which is also one caller's share of it. No
+        # <|endoftext|>, so that no admitted stream can end early and free its place.
         body = {"prompt": "Once", "max_tokens": 240, "stream": True, "logit_bias": {"50256": -100}}
-        headers = {"Authorization": "Bearer sk-file-one"}
-        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-            streams = [client.stream("POST", "/v1/completions", json=body) for _ in range(3)]
-            responses = [s.__enter__() for s in streams]
+        one, two = ({"Authorization": f"Bearer {key}"} for key in ("sk-file-one", "sk-file-two"))
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            streams = []
+
+            def open_stream(headers: dict[str, str]) -> httpx.Response:
+                streams.append(client.stream("POST", "/v1/completions", json=body, headers=headers))
+                return streams[-1].__enter__()
+
             try:
-                statuses = sorted(r.status_code for r in responses)
-                assert statuses == [200, 200, 503], statuses
-                [refused] = [r for r in responses if r.status_code == 503]
-                assert refused.headers["retry-after"] == "1"
-                assert refused.read() and refused.json()["error"]["code"] == "server_overloaded"
+                running = open_stream(one)
+                # Its first event says it holds the slot. The line iterator is kept: a dropped one
+                # closes the response, which cancels the stream.
+                running_lines = running.iter_lines()
+                assert running.status_code == 200 and next(running_lines)
+                assert open_stream(one).status_code == 200  # waits in the queue
+                over_share = open_stream(one)
+                assert over_share.status_code == 429 and over_share.headers["retry-after"] == "1"
+                assert over_share.read() and over_share.json()["error"]["code"] == "rate_limit_exceeded"
+                full = open_stream(two)  # within its own share, but the queue is full
+                assert full.status_code == 503 and full.headers["retry-after"] == "1"
+                assert full.read() and full.json()["error"]["code"] == "server_overloaded"
             finally:
                 for stream in streams:
                     stream.__exit__(None, None, None)

@@ -10,7 +10,15 @@ import torch
 
 from nanogpt_core.model import GPT, GPTConfig
 import serving.engine
-from serving.engine import Engine, EngineClosed, EngineFailed, Generation, QueueFull, RequestRejected
+from serving.engine import (
+    CallerOverShare,
+    Engine,
+    EngineClosed,
+    EngineFailed,
+    Generation,
+    QueueFull,
+    RequestRejected,
+)
 from serving.kv_decoder import BatchDecoder
 from serving.linear_layouts import onednn_available
 from serving.sampling import SamplingParams
@@ -139,12 +147,12 @@ def test_cancel_drops_the_sample_at_the_next_step(model):
 
 def test_queue_limit_and_draining(model):
     async def main():
-        engine = Engine(BatchDecoder(model, max_batch=1), max_queue=2)
+        engine = Engine(BatchDecoder(model, max_batch=1), max_queue=4)  # one caller's share: 1
         # Not started: nothing leaves the queue.
-        for _ in range(2):
-            engine.submit(Generation([1], SamplingParams(max_tokens=2)))
+        for caller in "abcd":
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), caller=caller))
         with pytest.raises(QueueFull):
-            engine.submit(Generation([1], SamplingParams(max_tokens=2)))
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), caller="e"))
         engine.start()
         engine.close()
         assert await asyncio.to_thread(engine.drained.wait, 10)
@@ -223,7 +231,7 @@ def test_a_sampling_failure_ends_only_its_own_request(model, monkeypatch):
     failed_while_running = []
 
     def sample_token_failing_for_the_victim(logits, params, generator, counts):
-        if params is victim_params and sum(counts.values()) == 3:
+        if params is victim_params and counts.total == 3:
             failed_while_running.append(engine.active_sequences)
             raise RuntimeError("injected sampling fault")
         return real_sample_token(logits, params, generator, counts)
@@ -290,3 +298,145 @@ def test_a_request_that_cannot_fit_is_rejected_before_it_is_queued(model):
         assert engine.queue_depth == 0
 
     asyncio.run(main())
+
+
+# --- sharing the slots and the queue between callers ---------------------------------------
+
+
+def test_a_callers_share_of_the_queue_is_a_quarter_of_it_and_others_are_still_admitted(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=2), max_queue=8)  # not started: nothing leaves the queue
+        engine.submit(Generation([1], SamplingParams(max_tokens=2), n=2, caller="greedy"))
+        with pytest.raises(CallerOverShare) as over:
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), caller="greedy"))
+        assert (over.value.waiting, over.value.share) == (2, 2) and over.value.retry_after_s >= 1
+        for caller in ("second", "third", "fourth"):  # three callers at their share still leave room
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), n=2, caller=caller))
+        with pytest.raises(QueueFull):
+            engine.submit(Generation([1], SamplingParams(max_tokens=2), caller="fifth"))
+        assert engine.queue_depth == 8
+
+    asyncio.run(main())
+
+
+def test_a_request_with_more_samples_than_free_slots_is_admitted_in_parts(model, monkeypatch):
+    decoder = BatchDecoder(model, max_batch=3)
+    real_decode = decoder.decode
+
+    def unhurried_decode(tokens):  # steps slow enough to watch the batch between them
+        time.sleep(0.01)
+        return real_decode(tokens)
+
+    monkeypatch.setattr(decoder, "decode", unhurried_decode)
+
+    async def main():
+        engine = Engine(decoder).start()
+        try:
+            running = Generation([1], SamplingParams(max_tokens=60, temperature=0))
+            engine.submit(running)
+            while not engine.active_sequences:
+                await asyncio.sleep(0.001)
+            generation = Generation([5, 6, 7], SamplingParams(max_tokens=12, temperature=0, logprobs=True), n=3)
+            engine.submit(generation)  # two slots are free: two samples start now, the third later
+            collecting = asyncio.ensure_future(collect(generation))
+            seen_in_parts = False
+            while not collecting.done():
+                seen_in_parts |= engine.active_sequences == 3 and engine.queue_depth == 1
+                await asyncio.sleep(0.001)
+            await asyncio.wait_for(collect(running), 30)
+            return seen_in_parts, collecting.result()
+        finally:
+            engine.stop()
+
+    seen_in_parts, samples = asyncio.run(main())
+    assert seen_in_parts
+    assert sorted(samples) == list(range(3))
+    assert all(tokens == expected_greedy(model, [5, 6, 7], 12) for tokens in samples.values())
+
+
+async def finishing_order(generations: list[Generation]) -> tuple[list[Generation], list[dict[int, list[int]]]]:
+    """The generations in the order they finished, and each one's tokens."""
+    order: list[Generation] = []
+
+    async def run(generation: Generation) -> dict[int, list[int]]:
+        tokens = await collect(generation)
+        order.append(generation)
+        return tokens
+
+    return order, await asyncio.wait_for(asyncio.gather(*(run(g) for g in generations)), 60)
+
+
+@pytest.mark.parametrize("cache", ["set aside", "rebuilt"])
+def test_a_caller_holding_every_slot_hands_back_what_is_beyond_its_share_when_another_arrives(model, cache,
+                                                                                             monkeypatch):
+    seeded = SamplingParams(max_tokens=70, temperature=0.9, seed=7, logprobs=True)
+    if cache == "rebuilt":  # as when set-aside caches would exceed a batch's worth: prefilled again
+        monkeypatch.setattr(Engine, "_can_set_aside", lambda self, positions: False)
+
+    async def run(with_second_caller: bool):
+        engine = Engine(BatchDecoder(model, max_batch=4)).start()
+        try:
+            first = Generation([1, 2, 3], SamplingParams(max_tokens=70, temperature=0, logprobs=True), n=3,
+                               caller="first")
+            first_seeded = Generation([9, 8], seeded, caller="first")
+            engine.submit(first)
+            engine.submit(first_seeded)
+            while engine.active_sequences < 4:  # alone, it takes every slot
+                await asyncio.sleep(0.001)
+            generations = [first, first_seeded]
+            if with_second_caller:
+                second = Generation([40, 41], SamplingParams(max_tokens=6, temperature=0, logprobs=True), n=2,
+                                    caller="second")
+                engine.submit(second)
+                generations.append(second)
+            order, tokens = await finishing_order(generations)
+            return order, engine.preemptions, tokens[:2]
+        finally:
+            engine.stop()
+
+    alone_order, alone_preemptions, alone_tokens = asyncio.run(run(False))
+    order, preemptions, tokens = asyncio.run(run(True))
+    assert alone_preemptions == 0
+    assert preemptions == 2  # the first caller held 4 of 4 slots; its share is 2
+    assert order[0].caller == "second"  # six tokens, not queued behind seventy
+    # Preempted samples resume where they stopped: greedy and seeded samples come out as when alone.
+    assert tokens == alone_tokens
+    assert all(t == expected_greedy(model, [1, 2, 3], 70) for t in tokens[0].values())
+
+
+def test_callers_are_served_in_turn_rather_than_in_arrival_order(model):
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=1))
+        early = [Generation([i + 1], SamplingParams(max_tokens=4, temperature=0), caller="early") for i in range(4)]
+        late = Generation([50], SamplingParams(max_tokens=4, temperature=0), caller="late")
+        for generation in [*early, late]:  # all queued before the engine starts
+            engine.submit(generation)
+        engine.start()
+        try:
+            return (await finishing_order([*early, late]))[0], late
+        finally:
+            engine.stop()
+
+    order, late = asyncio.run(main())
+    assert order.index(late) == 1  # after the early caller's first request, not after all four
+
+
+def test_a_long_prefill_is_set_aside_for_another_callers_turn_and_continues_where_it_stopped(model):
+    long_prompt = list(range(100, 160))
+
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=4), prefill_chunk=8)
+        long = Generation(long_prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=True), caller="long")
+        short = Generation([7, 8, 9], SamplingParams(max_tokens=12, temperature=0, logprobs=True), caller="short")
+        engine.submit(long)
+        engine.submit(short)  # both waiting before the first step: the long prompt goes first
+        engine.start()
+        try:
+            return await finishing_order([long, short]), long, short
+        finally:
+            engine.stop()
+
+    (order, tokens), long, short = asyncio.run(main())
+    assert short.first_token_at < long.first_token_at  # not held up behind sixty prompt tokens
+    assert tokens[0][0] == expected_greedy(model, long_prompt, 12)
+    assert tokens[1][0] == expected_greedy(model, [7, 8, 9], 12)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from nanogpt_core.deployment_manifest import new_manifest, write_manifest
-from tests.serving.conftest import make_checkpoint
+from tests.serving.conftest import API_KEYS, make_checkpoint
 
 pytestmark = pytest.mark.slow  # against a real server process
 
@@ -37,10 +37,17 @@ def _async_client(deployment):
 
 
 def test_32_concurrent_streams_all_complete(deployment):
+    # From three keys: one key alone may have 8 streams decoding and 16 waiting (its share of
+    # the queue); the rest of its requests would be told to retry (429).
     async def main():
-        async with _async_client(deployment) as client:
-            return await asyncio.wait_for(
-                asyncio.gather(*(_stream_chat(client, 24, seed=i) for i in range(32))), timeout=120)
+        clients = [openai.AsyncOpenAI(base_url=deployment.base_url, api_key=key, max_retries=0, timeout=120)
+                   for key in API_KEYS]
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                *(_stream_chat(clients[i % len(clients)], 24, seed=i) for i in range(32))), timeout=120)
+        finally:
+            for client in clients:
+                await client.close()
 
     started = time.monotonic()
     results = asyncio.run(main())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from serving.fair_share import caller_queue_share
 from serving.schemas import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCE_CHARS
 from serving.text_stream import TextStream
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
-PER_REQUEST = 32  # half of the test server's queue of 64
+PER_REQUEST = caller_queue_share(64)  # one caller's share of the test server's queue of 64
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def assert_rejected(response: httpx.Response, param: str) -> str:
 
 
 @pytest.mark.slow  # against a real server process
-def test_completions_per_request_are_capped_at_half_the_queue(http):
-    at_cap = http.post(COMPLETIONS, json={"prompt": ["a", "b", "c", "d"], "n": 8, "max_tokens": 1})
+def test_completions_per_request_are_capped_at_one_callers_share_of_the_queue(http):
+    assert PER_REQUEST == 16
+    at_cap = http.post(COMPLETIONS, json={"prompt": ["a", "b"], "n": 8, "max_tokens": 1})
     assert at_cap.status_code == 200 and len(at_cap.json()["choices"]) == PER_REQUEST
     message = assert_rejected(http.post(COMPLETIONS, json={"prompt": ["a"] * 5, "n": 7, "max_tokens": 1}), "n")
     assert "35 completions" in message and str(PER_REQUEST) in message

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.sampling import LogitBias, SamplingParams, TokenCounts, generator_for, sample_token
+from serving.sampling import LogitBias, SamplingParams, TokenCounts, draw, generator_for, sample_token
 
 
 def counts_of(params: SamplingParams, *tokens: int) -> TokenCounts:
@@ -101,7 +101,7 @@ def test_vectorised_bias_and_penalties_match_the_entry_by_entry_computation(temp
         assert sampled.token == int(torch.argmax(expected_logits))
     else:
         scaled = (expected_logits - expected_logits.max()) / temperature
-        expected = int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator_for(3, 0)))
+        expected = draw(torch.softmax(scaled, dim=-1), generator_for(3, 0))
         assert sampled.token == expected
     assert sampled.logprob == pytest.approx(float(expected_logprobs[sampled.token]), abs=1e-5)
     values, ids = torch.topk(expected_logprobs, 5)
@@ -121,3 +121,14 @@ def test_logit_bias_pairs_given_by_hand_become_tensors():
     params = SamplingParams(max_tokens=1, logit_bias=((3, 1.5), (4, -2.0)))
     assert isinstance(params.logit_bias, LogitBias) and len(params.logit_bias) == 2
     assert SamplingParams(max_tokens=1, logit_bias=()).logit_bias is None
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(20_000)]), minlength=6)
+    assert counts[1] == counts[3] == counts[5] == 0
+    # Within about five standard deviations of 20,000 draws.
+    assert torch.allclose(counts.float() / 20_000, probs, atol=0.02)
+    first, second = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert [draw(probs, first) for _ in range(50)] == [draw(probs, second) for _ in range(50)]
