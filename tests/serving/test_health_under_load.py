@@ -22,10 +22,12 @@ from serving.settings import MIB
 pytestmark = pytest.mark.slow  # against a real server process
 
 CHAT = "/v1/chat/completions"
-# The goal is 100 ms. On a 2-core machine busy with other test runs as well (load average 5
-# to 7), the slowest /health seen while these requests were admitted took 15-86 ms; the bound
-# leaves that machine some room.
-HEALTH_WITHIN_S = 0.15
+# The goal, 100 ms, is measured by `bench/serve_load.py --heavy` (docs/BENCHMARKS.md). Here the
+# bound is what a busy CI machine should not reach unless the event loop stalls: on a 2-core
+# machine busy with other test runs (load average 5 to 7) the slowest /health took 15-86 ms,
+# where a full garbage collection of the server, set off by a body of many small JSON objects,
+# held it for 255-375 ms before the start-up objects were frozen (serving.app).
+HEALTH_WITHIN_S = 0.25
 
 
 def largest_chat_body() -> bytes:
