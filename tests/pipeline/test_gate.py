@@ -7,6 +7,7 @@ scored 0.0. The gate compares with whatever `current.json` says is deployed.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import dagster as dg
@@ -137,13 +138,20 @@ def test_a_worse_candidate_is_refused_and_nothing_changes(micro_pipeline, served
 
 
 @pytest.mark.slow
-def test_scores_that_failed_their_check_are_never_deployed(micro_pipeline, served):
+def test_scores_that_failed_their_check_are_never_deployed(micro_pipeline, served, tmp_path):
     beatable = deploy_by_hand(micro_pipeline, served, acc_norm=0.0)
     manifest_path = micro_pipeline.artifacts / "deployment" / "current.json"
     before = manifest_path.read_bytes()
+    # A benchmark of two items, so that scoring all of it takes moments; on another benchmark
+    # than the deployed one's, nothing but the failed check stands in the way of deploying.
+    two_items = tmp_path / "hellaswag_two_items.jsonl"
+    two_items.write_text("".join(json.dumps({"ctx": ctx, "endings": endings, "label": 0}) + "\n" for ctx, endings in (
+        ("A man sits down at the table. He", ["eats his dinner.", "flies away.", "turns blue.", "melts."]),
+        ("The girl opens the book. She", ["reads the first page.", "eats it.", "sings to it.", "freezes."]))))
     try:
         # Asking for more items than the benchmark has fails scores_in_range (n is not as configured).
-        scored = micro_pipeline.materialize(["hellaswag_scores"], hellaswag_scores={"limit": 100_000})
+        scored = micro_pipeline.materialize(["hellaswag_scores"], hellaswag_scores={
+            "limit": 100_000, "benchmark": "hellaswag", "data_path": str(two_items)})
         assert not scored.success and "scores_in_range" in step_failure_text(scored, "hellaswag_scores")
 
         result = micro_pipeline.materialize(["deployed_model"])
