@@ -23,8 +23,10 @@ from .conftest import ALL_ASSETS, latest_event
 pytestmark = pytest.mark.slow
 
 # Long enough that the run is still training when it is stopped after its first checkpoint
-# (micro checkpoints every 10 steps), short enough that the resumed run ends soon after.
-INTERRUPTED_RUN_STEPS = 100
+# (micro checkpoints every 10 steps; the stop lands within a step of it, leaving 30 steps of
+# margin), short enough that the resumed run ends soon after: every step past the first
+# checkpoint is trained by the resumed run.
+INTERRUPTED_RUN_STEPS = 40
 
 
 @pytest.fixture(scope="module")
