@@ -339,7 +339,8 @@ def git_commit() -> str:
     return commit + (" + uncommitted changes in serving/" if git("status", "--porcelain", "serving") else "")
 
 
-def measure_heavy(shape_name: str, heavy_users: int, seconds: int, rounds: int, tmp: Path) -> dict:
+def measure_heavy(shape_name: str, heavy_users: int, seconds: int, rounds: int, tmp: Path,
+                  only: str | None = None) -> dict:
     from serving.fair_share import caller_queue_share, caller_slot_share
 
     shape = SHAPES[shape_name]
@@ -353,7 +354,9 @@ def measure_heavy(shape_name: str, heavy_users: int, seconds: int, rounds: int, 
     settings = {"max_batch": MAX_BATCH, "max_queue": MAX_QUEUE, "threads": cores,
                 "caller_slot_share": caller_slot_share(MAX_BATCH), "caller_queue_share": caller_queue_share(MAX_QUEUE),
                 "api_keys": 2}
-    heavies = heavy_requests(shape, MAX_BATCH, MAX_QUEUE)
+    heavies = [h for h in heavy_requests(shape, MAX_BATCH, MAX_QUEUE) if only is None or only in h["name"]]
+    if not heavies:
+        raise SystemExit(f"no heavy request type's name contains {only!r}")
     with (tmp / "server.log").open("w") as out:
         server = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                   env={**os.environ, "NANOGPT_API_KEYS": f"{HEAVY_KEY},{VICTIM_KEY}"})
@@ -422,7 +425,7 @@ def heavy_main(args: argparse.Namespace) -> None:
           f"(+{HEAD_START_S} s head start for the heavy load), {args.rounds} round(s); locust on the same cores",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="serve_heavy_") as tmp:
-        run = measure_heavy(args.shape, args.heavy_users, seconds, args.rounds, Path(tmp))
+        run = measure_heavy(args.shape, args.heavy_users, seconds, args.rounds, Path(tmp), args.only)
     print()
     print_heavy_table(run)
     if args.json:
@@ -465,6 +468,7 @@ def main() -> None:
                         help="instead: another caller's short request, alone and while heavy but valid requests run")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="model shape for --heavy")
     parser.add_argument("--heavy-users", type=int, default=2, help="users sending the heavy request, with --heavy")
+    parser.add_argument("--only", help="with --heavy: only the heavy request types whose name contains this")
     args = parser.parse_args()
     if args.heavy:
         heavy_main(args)

@@ -68,9 +68,16 @@ class EngineClosed(Exception):
 
 
 GENERIC_FAILURE_MESSAGE = "The server had an error while processing your request."
-# The smallest prompt chunk prefilled beside running samples: below it, a prefill's fixed
-# costs outweigh its tokens.
-MIN_PREFILL_CHUNK = 16
+# Beside running samples, prefills get this fraction of the time spent decoding: the running
+# samples' steps take half as long again on average, and long prompts still advance.
+PREFILL_SHARE_OF_STEP = 0.5
+# The smallest prompt chunk prefilled beside running samples. On a CPU a chunk of a few tokens
+# costs about as much as a decode step, since both read every weight once; so the time granted
+# to prefills is saved up over steps and spent on chunks at least this long.
+MIN_PREFILL_CHUNK = 64
+# The longest one prefill call should take, whatever else runs: a request that arrives during it
+# waits for it to end. 256 tokens of the 124M shape took 0.5 s on two cores.
+LONGEST_PREFILL_CALL_S = 0.1
 
 
 class EngineFailed(Exception):
@@ -298,10 +305,10 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._admissions = 0
         self.preemptions = 0
-        # Seconds per decode step and per prefilled token, averaged as they are measured: how
-        # many prompt tokens fit beside a decode step without making it much longer.
-        self._step_s: float | None = None
+        # Seconds per prefilled token, averaged as measured: how many prompt tokens the saved-up
+        # prefill time pays for.
         self._prefill_token_s: float | None = None
+        self._prefill_credit_s = 0.0  # prefill time saved up beside running samples
         self._cond = threading.Condition()
         self._closing = False
         self._stopping = False
@@ -465,9 +472,10 @@ class Engine:
         return caller_slot_share(self.decoder.max_batch, len(held.keys() | self._waiting.keys()))
 
     def _allowance(self, caller: str, held: Counter[str]) -> int:
-        """How many more slots `caller` may take now. Called with `_cond` held."""
-        others_waiting = any(c != caller for c in self._waiting)
-        if not others_waiting:
+        """How many more slots `caller` may take now: any free one when no other caller holds or
+        wants a slot, else up to its share. Called with `_cond` held."""
+        others = any(c != caller for c in self._waiting) or any(c != caller and n for c, n in held.items())
+        if not others:
             return self._free_slots()
         return min(self._free_slots(), self._slot_share(held) - held[caller])
 
@@ -554,21 +562,30 @@ class Engine:
     # --- prefill and decode -----------------------------------------------------------
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to prefill in this step: `prefill_chunk` when nothing decodes, else about
-        as many as take as long as a decode step, so that prefills at most double a step."""
-        if not self._active or self._step_s is None or self._prefill_token_s is None:
+        """Prompt tokens to prefill in this step: as many as take `LONGEST_PREFILL_CALL_S` (within
+        `MIN_PREFILL_CHUNK` and `prefill_chunk`) when nothing decodes; beside running samples, what
+        the saved-up prefill time pays for, once that is at least `MIN_PREFILL_CHUNK`."""
+        if self._prefill_token_s is None:
             return self.prefill_chunk
-        fitting = int(self._step_s / self._prefill_token_s)
-        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, fitting))
+        longest = max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(LONGEST_PREFILL_CALL_S / self._prefill_token_s)))
+        if not self._active:
+            self._prefill_credit_s = 0.0
+            return longest
+        affordable = int(self._prefill_credit_s / self._prefill_token_s)
+        return min(longest, affordable) if affordable >= MIN_PREFILL_CHUNK else 0
 
     def _advance_prefill(self) -> None:
         """Prefill this step's budget of waiting work: several short prompts, or part of a long one.
 
         Callers take turns here too: a long prefill that has had its chunk is set aside (its
         staging cache saved) when another caller can start something, and continues at its
-        caller's next turn.
+        caller's next turn. Work that needs no prefill (a preempted sample's saved cache, more
+        samples of a running prompt) starts whatever the budget.
         """
         budget = self._prefill_budget()
+        beside_decoding = bool(self._active)
+        if self._prefill is None:
+            self._next_prefill()
         while budget > 0:
             job = self._prefill or self._next_prefill()
             if job is None:
@@ -582,8 +599,10 @@ class Engine:
                 self._prefill = None
                 self._fail_generation(job.generation, exc, "prefill")
                 continue
-            if len(chunk) >= MIN_PREFILL_CHUNK:
-                self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - started) / len(chunk))
+            elapsed = time.perf_counter() - started
+            self._prefill_token_s = _average(self._prefill_token_s, elapsed / len(chunk))
+            if beside_decoding:
+                self._prefill_credit_s -= elapsed
             job.done += len(chunk)
             budget -= len(chunk)
             if job.done == len(job.tokens):
@@ -674,7 +693,11 @@ class Engine:
         logits = self.decoder.decode([seq.next_input for seq in self._active]).cpu()
         for seq, row in zip(self._active, logits, strict=True):
             self._sample(seq, row)
-        self._step_s = _average(self._step_s, time.perf_counter() - started)
+        step_s = time.perf_counter() - started
+        if self._prefill is not None or self._waiting:
+            # Saved up at most for one full chunk, so that no single step takes much longer.
+            most = self.prefill_chunk * (self._prefill_token_s or 0.0)
+            self._prefill_credit_s = min(self._prefill_credit_s + PREFILL_SHARE_OF_STEP * step_s, most)
         if self.metrics is not None:
             self.metrics.add_completion_tokens(len(self._active))
         self._retire_finished()
