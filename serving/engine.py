@@ -2,19 +2,22 @@
 
 Requests wait in a bounded queue, one line per caller (`serving.fair_share`), and callers are
 served in turn rather than first come first served. Between decode steps the engine prefills
-up to `prefill_chunk` prompt tokens of waiting work: several short prompts at once, or the
-next chunk of a long one, so that a long prompt delays the running streams by one chunk per
-step rather than by the whole prompt. A request's samples are admitted as slots free up, in
-parts if need be, so a request with `n` samples never waits for `n` free slots at once. When
-it is done with its prompt, the part joins the batch. Each step runs one batched forward pass
-for all running samples, picks each one's next token, and hands the new text to the
-request's asyncio queue. A sample leaves the batch as soon as it ends or its client goes away.
+waiting work on a time budget: with nothing decoding, chunks of up to about 0.1 s; beside
+running samples, half as much time as the decoding takes, saved up into chunks long enough to
+be worth their weight reads. A long prompt thus delays the running streams by part of a step
+rather than by the whole prompt, and is set aside for another caller's short one. A request's
+samples are admitted as slots free up, in parts if need be, so a request with `n` samples
+never waits for `n` free slots at once. When it is done with its prompt, the part joins the
+batch. Each step runs one batched forward pass for all running samples, picks each one's next
+token, and hands the new text to the request's asyncio queue. A sample leaves the batch as
+soon as it ends or its client goes away.
 
-While another caller waits, no caller holds more than its share of the slots. A caller who
-took every slot while alone gives back what it holds beyond its share when someone else
-arrives: its most recently started samples are preempted, and resume later by prefilling
-their prompt and the tokens they had generated, with their sampling state (generator,
-counts, stop-string scan) kept, so a preempted sample continues where it stopped.
+While another caller holds or wants a slot, no caller takes more than its share of them. A
+caller who took every slot while alone gives back what it holds beyond its share when someone
+else arrives and no slot is free: its most recently started samples are preempted, their
+cache copied aside (or, past a batch's worth of copies, rebuilt by prefilling later), and they
+resume with their sampling state (generator, counts, stop-string scan) kept, so a preempted
+sample continues where it stopped.
 
 A failure in one request's own work (its prefill, its sampling, its stop-string scan, its
 detokenization) ends that request alone: its samples leave the batch the way finished ones

@@ -4,10 +4,10 @@ A caller is an API key, or the client's address on a server without keys (the sa
 the per-caller limits use, `serving.rate_limits.caller_identity`). Two shares, each tied to
 the engine size it divides:
 
-- Decode slots: while another caller has work waiting, no caller holds more than an equal
+- Decode slots: while another caller holds or wants a slot, no caller takes more than an equal
   part of `max_batch` among the callers that hold or want slots (half with two callers, a
-  third with three, at least one). With nobody else waiting, one caller may fill every slot;
-  when someone else arrives, the slots held beyond the share are handed over (see
+  third with three, at least one). Alone, one caller may fill every slot; when someone else
+  arrives and no slot is free, the slots held beyond the share are handed over (see
   `serving.engine`).
 - The queue: a caller may have at most a quarter of `max_queue` completions waiting, so that
   three callers at their share still leave room for the others. The same number bounds a
