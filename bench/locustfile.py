@@ -22,7 +22,10 @@ and over with key NANOGPT_HEAVY_KEY, and one `Victim` sends a short greedy chat 
 after another with key NANOGPT_VICTIM_KEY, starting NANOGPT_VICTIM_DELAY_S seconds late so
 that the heavy load is already running. Every victim request must come back whole; its
 latencies, and what became of the heavy requests (done, 429, 503, failed), go into the
-results file.
+results file. A heavy request file may name the status it expects (`"expect_status": 400` for
+a body the server reads, validates and tokenizes in full before refusing it). One
+`HealthWatcher` asks for /health every HEALTH_EVERY_S seconds throughout, and its latencies
+go into the results file too.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ _user_numbers = itertools.count()
 _results = {"ttft_s": [], "completion_tokens": 0, "refused_by_design": 0, "hung_up": 0,
             "streams_completed": 0, "completions_completed": 0,
             "victim_latency_s": [], "victim_tokens": [], "victim_failed": 0,
-            "heavy_latency_s": [], "heavy_refused": {"429": 0, "503": 0}, "heavy_failed": 0}
+            "heavy_latency_s": [], "heavy_refused": {"429": 0, "503": 0}, "heavy_failed": 0,
+            "health_latency_s": []}
+HEALTH_EVERY_S = 0.05
 
 
 def _headers() -> dict[str, str]:
@@ -205,6 +210,7 @@ class HeavyCaller(HttpUser):
         with open(os.environ["NANOGPT_HEAVY_REQUEST"]) as f:
             request = json.load(f)
         self.path, self.body = request["path"], request["body"]
+        self.expected = request.get("expect_status", 200)
         self.streams = bool(self.body.get("stream"))
 
     @task
@@ -218,8 +224,10 @@ class HeavyCaller(HttpUser):
                 retry_after = response.headers.get("retry-after", "")
                 time.sleep(min(float(retry_after) if retry_after.isdigit() else 1.0, LONGEST_BACK_OFF_S))
                 return
-            if response.status_code != 200:
+            if response.status_code != self.expected:
                 failure = f"status {response.status_code}: {response.text[:200]}"
+            elif self.expected != 200:
+                failure = None
             elif self.streams:
                 failure = _stream_failure(response)
             else:
@@ -233,6 +241,21 @@ class HeavyCaller(HttpUser):
                 return
             _results["heavy_latency_s"].append(time.perf_counter() - started)
             response.success()
+
+
+class HealthWatcher(HttpUser):
+    """/health, a few times a second: how long the event loop takes to answer while the rest runs."""
+    fixed_count = 1
+    wait_time = staticmethod(lambda: HEALTH_EVERY_S)
+
+    @task
+    def health(self) -> None:
+        started = time.perf_counter()
+        with self.client.get("/health", name="health", catch_response=True) as response:
+            if response.status_code == 200:
+                _results["health_latency_s"].append(time.perf_counter() - started)
+            else:
+                response.failure(f"status {response.status_code}")
 
 
 @events.quitting.add_listener

@@ -258,7 +258,31 @@ def heavy_requests(shape: GPTConfig, max_batch: int, max_queue: int) -> list[dic
         {"name": f"prompt of {len(context_prompt)} tokens + {CONTEXT_ROW_MAX_TOKENS} = context, n={n}",
          "path": "/v1/completions", "body": {"model": "nanogpt", "prompt": context_prompt,
                                             "max_tokens": CONTEXT_ROW_MAX_TOKENS, "n": n}},
+        largest_body(n, bias),
     ]
+
+
+def largest_body(n: int, bias: dict[str, float]) -> dict:
+    """A chat at every bound at once, just under the 1 MiB body limit: the most messages, the
+    largest logit_bias, n at its most. Far over any context, it is refused (400) only once read,
+    validated and tokenized: all of the admission work, none of the decoding."""
+    from serving import schemas
+    from serving.settings import MIB
+
+    words = "the quick brown fox jumps over the lazy dog, 1234567890".split()
+    text = " ".join(words[i % len(words)] for i in range(MIB // len(words)))
+
+    def body(chars: int) -> dict:
+        messages = [{"role": ("user", "assistant")[i % 2], "content": text[i:i + chars]}
+                    for i in range(schemas.MAX_MESSAGES - 1)] + [{"role": "user", "content": "Hello"}]
+        return {"model": "nanogpt", "n": n, "max_tokens": 16, "messages": messages, "logit_bias": bias}
+
+    chars = MIB // schemas.MAX_MESSAGES
+    while len(json.dumps(body(chars)).encode()) > MIB - 1024:  # the headers' share aside
+        chars -= 8
+    return {"name": f"largest body: {schemas.MAX_MESSAGES} messages, {len(bias)} biases, n={n}, "
+                    f"{len(json.dumps(body(chars))) // 1024} KiB (refused: over the context)",
+            "path": "/v1/chat/completions", "body": body(chars), "expect_status": 400}
 
 
 def load_gauges(url: str) -> tuple[float, float]:
@@ -290,11 +314,12 @@ def run_phase(url: str, workdir: Path, label: str, heavy: dict | None, heavy_use
     """The victim for `seconds`, alone or with `heavy_users` users sending `heavy` from the other key."""
     results, request_file = workdir / f"{label}.json", workdir / f"{label}_request.json"
     env = {"NANOGPT_VICTIM_KEY": VICTIM_KEY, "NANOGPT_HEAVY_KEY": HEAVY_KEY, "NANOGPT_VICTIM_DELAY_S": "0"}
-    classes, users, run_time = ("Victim",), 1, seconds
+    classes, users, run_time = ("Victim", "HealthWatcher"), 2, seconds
     if heavy is not None:
-        request_file.write_text(json.dumps({"path": heavy["path"], "body": heavy["body"]}))
+        request_file.write_text(json.dumps({"path": heavy["path"], "body": heavy["body"],
+                                            "expect_status": heavy.get("expect_status", 200)}))
         env.update(NANOGPT_HEAVY_REQUEST=str(request_file), NANOGPT_VICTIM_DELAY_S=str(HEAD_START_S))
-        classes, users, run_time = ("Victim", "HeavyCaller"), 1 + heavy_users, seconds + HEAD_START_S
+        classes, users, run_time = ("Victim", "HealthWatcher", "HeavyCaller"), 2 + heavy_users, seconds + HEAD_START_S
     run_locust(url, users, run_time, results, workdir / f"{label}.log", user_classes=classes, extra_env=env,
                stop_timeout=180)
     drained_s = wait_until_idle(url)
@@ -310,6 +335,8 @@ def run_phase(url: str, workdir: Path, label: str, heavy: dict | None, heavy_use
         "heavy_refused_429": figures["heavy_refused"]["429"], "heavy_refused_503": figures["heavy_refused"]["503"],
         "heavy_failed": figures["heavy_failed"], "locust_failures": figures["failures"],
         "drained_s": round(drained_s, 1), "victim_latency_s": [round(v, 4) for v in victim],
+        "health_p99_ms": round(percentile(figures["health_latency_s"], 99) * 1000, 1),
+        "health_max_ms": round(max(figures["health_latency_s"], default=float("nan")) * 1000, 1),
     }
 
 
@@ -328,7 +355,8 @@ def heavy_rows(phases: list[dict]) -> list[dict]:
                      "ratio": round(phase["victim_median_ms"] / alone, 2),
                      "victim_failed": before["victim_failed"] + phase["victim_failed"] + after["victim_failed"],
                      **{k: phase[k] for k in ("heavy_done", "heavy_median_s", "heavy_refused_429",
-                                              "heavy_refused_503", "heavy_failed")}})
+                                              "heavy_refused_503", "heavy_failed", "health_p99_ms",
+                                              "health_max_ms")}})
     return rows
 
 
@@ -397,13 +425,15 @@ def measure_heavy(shape_name: str, heavy_users: int, seconds: int, rounds: int, 
 
 def print_heavy_table(run: dict) -> None:
     print(f"| heavy request ({run['heavy_users']} users, one key) | round | victim alone before | with | alone after "
-          f"| with / alone | heavy done (median s) | 429 | 503 | heavy failed | victim failed |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"| with / alone | heavy done (median s) | 429 | 503 | heavy failed | victim failed "
+          f"| /health p99 | /health max |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in run["rows"]:
         print(f"| {r['heavy']} | {r['round']} | {r['alone_before_ms']:.0f} ms ({r['alone_before_n']}) "
               f"| {r['with_ms']:.0f} ms ({r['with_n']}) | {r['alone_after_ms']:.0f} ms ({r['alone_after_n']}) "
               f"| **{r['ratio']:.2f}x** | {r['heavy_done']} ({r['heavy_median_s']:.1f}) | {r['heavy_refused_429']} "
-              f"| {r['heavy_refused_503']} | {r['heavy_failed']} | {r['victim_failed']} |")
+              f"| {r['heavy_refused_503']} | {r['heavy_failed']} | {r['victim_failed']} "
+              f"| {r['health_p99_ms']:.0f} ms | {r['health_max_ms']:.0f} ms |")
     worst = max(r["ratio"] for r in run["rows"])
     failed = sum(p["victim_failed"] for p in run["phases"])
     short = [p["victim_tokens_min"] for p in run["phases"] if p["victim_tokens_min"] not in (None, 16)]

@@ -101,15 +101,18 @@ def model_replaced(name: str, served: tuple[str, ...]) -> APIError:
                     param="model", code="model_not_found")
 
 
-def context_length_exceeded(limit: int, prompt_tokens: int, completion_tokens: int | None) -> APIError:
-    if completion_tokens is None:
+def context_length_exceeded(limit: int, prompt_tokens: int, completion_tokens: int | None, *,
+                            at_least: bool = False, param: str = "messages") -> APIError:
+    if at_least:  # counted from the text's length alone, without tokenizing it
+        detail = f"your prompt has at least {prompt_tokens} tokens"
+    elif completion_tokens is None:
         detail = f"your prompt has {prompt_tokens} tokens, which leaves no room for a completion"
     else:
         detail = (f"you requested {prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the prompt, "
                   f"{completion_tokens} for the completion)")
     return APIError(400, f"This model's maximum context length is {limit} tokens, however {detail}. "
                          "Please reduce the length of the prompt or of the completion.",
-                    param="messages", code="context_length_exceeded")
+                    param=param, code="context_length_exceeded")
 
 
 def overloaded(retry_after_s: int = 1) -> APIError:

@@ -27,6 +27,9 @@ from pydantic import BaseModel
 
 from nanogpt_core.prompts import chat_to_prompt, prompt_token_ids
 from nanogpt_core.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+
+# The longest GPT-2 token, in bytes (token 35496, a run of mis-decoded UTF-8); checked by the tests.
+LONGEST_TOKEN_BYTES = 128
 from serving.deployments import ModelRegistry, ServedModel
 from serving.engine import (
     CallerOverShare,
@@ -121,7 +124,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     request_id_of(request)
     served = _registry(request).resolve(body.model)
     _check_request_size(1, body.n or 1, _settings(request))
-    prompt_tokens = await asyncio.to_thread(_chat_prompt_tokens, body)
+    prompt_tokens = await asyncio.to_thread(_chat_prompt_tokens, body, served.context_length)
     top_logprobs = body.top_logprobs or 0
     job = _Job(prompts=[prompt_tokens], n=body.n or 1, stream=bool(body.stream),
                include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -130,13 +133,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _run(job, request, body.model, served, chat=True)
 
 
-def _chat_prompt_tokens(body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt_tokens(body: ChatCompletionRequest, context_length: int) -> list[int]:
     try:
         prompt = chat_to_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                  for m in body.messages])
     except ValueError as e:
         raise invalid_request(str(e), param="messages") from None
+    _refuse_if_surely_over_context(prompt, context_length, param="messages")
     return prompt_token_ids(prompt)  # exactly the tokens fine-tuning trained on
+
+
+def _refuse_if_surely_over_context(text: str, context_length: int, *, param: str) -> None:
+    """A 400 before tokenizing for a text that cannot fit: no token is longer than
+    `LONGEST_TOKEN_BYTES`, so a text of more than that many bytes per position in the context
+    has more tokens than the context holds. Tokenizing a 1 MiB body costs 60-90 ms of CPU."""
+    fewest_tokens = -(-len(text.encode("utf-8", errors="surrogatepass")) // LONGEST_TOKEN_BYTES)
+    if fewest_tokens > context_length:
+        raise context_length_exceeded(context_length, fewest_tokens, None, at_least=True, param=param)
 
 
 # --- completions ---------------------------------------------------------------------------
@@ -148,7 +161,7 @@ async def completions(body: CompletionRequest, request: Request):
     served = _registry(request).resolve(body.model)
     settings = _settings(request)
     _check_request_size(_prompt_count(body.prompt), body.n or 1, settings)
-    prompts = await asyncio.to_thread(_completion_prompts, body.prompt)
+    prompts = await asyncio.to_thread(_completion_prompts, body.prompt, served.context_length)
     echoed = await asyncio.to_thread(_echoed_prompts, prompts) if body.echo else None
     logprobs = body.logprobs is not None
     params = [_sampling_params(body, body.max_tokens, p, served, settings, logprobs=logprobs,
@@ -179,7 +192,8 @@ def _echoed_prompts(prompts: list[list[int]]) -> list[str]:
     return [enc.decode([t for t in p if t != EOT_TOKEN]) for p in prompts]
 
 
-def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]],
+                        context_length: int) -> list[list[int]]:
     enc = get_tokenizer()
     if isinstance(prompt, str):
         raw = [prompt]
@@ -194,6 +208,7 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -
         if isinstance(item, str):
             # Documents in the training shards start with <|endoftext|>; a prompt that does
             # too reads to the model as the start of a document.
+            _refuse_if_surely_over_context(item, context_length - 1, param="prompt")
             prompts.append([EOT_TOKEN] + enc.encode_ordinary(item))
         else:
             if min(item) < 0 or max(item) >= VOCAB_SIZE:  # each list has a token (the schema says so)

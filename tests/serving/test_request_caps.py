@@ -5,7 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from serving.engine import token_bytes_table
 from serving.fair_share import caller_queue_share
+from serving.openai_api import LONGEST_TOKEN_BYTES
 from serving.schemas import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCE_CHARS
 from serving.text_stream import TextStream
 
@@ -79,3 +81,18 @@ def test_a_chat_has_a_message_limit(http):
     assert http.post(CHAT, json={"messages": at_limit, "max_tokens": 1}).status_code == 200
     message = assert_rejected(http.post(CHAT, json={"messages": HELLO + at_limit, "max_tokens": 1}), "messages")
     assert str(MAX_MESSAGES) in message
+
+
+def test_no_token_is_longer_than_the_bound_the_early_context_check_counts_on():
+    assert max(len(b) for b in token_bytes_table()) == LONGEST_TOKEN_BYTES
+
+
+@pytest.mark.slow
+def test_a_text_too_long_for_the_context_is_refused_from_its_length_alone(http):
+    context = http.get("/v1/models/nanogpt").json()["context_length"]
+    text = "a" * (LONGEST_TOKEN_BYTES * context + 1)  # more tokens than fit, whatever the tokenizer does
+    for path, body in ((CHAT, {"messages": [{"role": "user", "content": text}]}), (COMPLETIONS, {"prompt": text})):
+        response = http.post(path, json={**body, "max_tokens": 1})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
