@@ -580,9 +580,9 @@ class Engine:
     def _advance_prefill(self) -> None:
         """Prefill this step's budget of waiting work: several short prompts, or part of a long one.
 
-        Callers take turns here too: a long prefill that has had its chunk is set aside (its
-        staging cache saved) when another caller can start something, and continues at its
-        caller's next turn. Work that needs no prefill (a preempted sample's saved cache, more
+        Callers take turns here too: before its next chunk, a prefill that has had one is set
+        aside (its staging cache saved) when another caller can start something, and continues at
+        its caller's next turn. Work that needs no prefill (a preempted sample's saved cache, more
         samples of a running prompt) starts whatever the budget.
         """
         budget = self._prefill_budget()
@@ -593,6 +593,9 @@ class Engine:
             job = self._prefill or self._next_prefill()
             if job is None:
                 return
+            if job.done and self._another_caller_can_start(job.caller) and self._can_set_aside(job.done):
+                self._set_aside(job)
+                continue
             chunk = job.tokens[job.done:job.done + budget]
             started = time.perf_counter()
             try:
@@ -611,8 +614,6 @@ class Engine:
             if job.done == len(job.tokens):
                 self._prefill = None
                 self._finish_prefill(job, logits)
-            elif self._another_caller_can_start(job.caller) and self._can_set_aside(job.done):
-                self._set_aside(job)
 
     def _next_prefill(self) -> _Prefill | None:
         """The next work that needs the staging slot, starting on the way any that does not."""
@@ -649,6 +650,8 @@ class Engine:
         self._prefill = None
         with self._cond:
             self._waiting.setdefault(job.caller, deque()).appendleft(job)
+            # Its caller's turn is over: whoever else can start comes first.
+            self._waiting.move_to_end(job.caller)
 
     def _finish_prefill(self, job: _Prefill, logits: torch.Tensor) -> None:
         work = job.work
