@@ -265,6 +265,7 @@ class _Prefill:
     tokens: list[int]
     slots: int
     done: int = 0
+    done_this_turn: int = 0  # a job is set aside only after a chunk in its turn, so every turn advances it
     saved: SavedCache | None = None
 
     @property
@@ -570,12 +571,13 @@ class Engine:
         the saved-up prefill time pays for, once that is at least `MIN_PREFILL_CHUNK`."""
         if self._prefill_token_s is None:
             return self.prefill_chunk
-        longest = max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(LONGEST_PREFILL_CALL_S / self._prefill_token_s)))
+        shortest = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
+        longest = min(self.prefill_chunk, max(shortest, int(LONGEST_PREFILL_CALL_S / self._prefill_token_s)))
         if not self._active:
             self._prefill_credit_s = 0.0
             return longest
         affordable = int(self._prefill_credit_s / self._prefill_token_s)
-        return min(longest, affordable) if affordable >= MIN_PREFILL_CHUNK else 0
+        return min(longest, affordable) if affordable >= shortest else 0
 
     def _advance_prefill(self) -> None:
         """Prefill this step's budget of waiting work: several short prompts, or part of a long one.
@@ -593,7 +595,7 @@ class Engine:
             job = self._prefill or self._next_prefill()
             if job is None:
                 return
-            if job.done and self._another_caller_can_start(job.caller) and self._can_set_aside(job.done):
+            if job.done_this_turn and self._another_caller_can_start(job.caller) and self._can_set_aside(job.done):
                 self._set_aside(job)
                 continue
             chunk = job.tokens[job.done:job.done + budget]
@@ -610,6 +612,7 @@ class Engine:
             if beside_decoding:
                 self._prefill_credit_s -= elapsed
             job.done += len(chunk)
+            job.done_this_turn += len(chunk)
             budget -= len(chunk)
             if job.done == len(job.tokens):
                 self._prefill = None
@@ -647,6 +650,7 @@ class Engine:
 
     def _set_aside(self, job: _Prefill) -> None:
         job.saved = self.decoder.save(self.decoder.staging_slot)
+        job.done_this_turn = 0
         self._prefill = None
         with self._cond:
             self._waiting.setdefault(job.caller, deque()).appendleft(job)

@@ -440,3 +440,25 @@ def test_a_long_prefill_is_set_aside_for_another_callers_turn_and_continues_wher
     assert short.first_token_at < long.first_token_at  # not held up behind sixty prompt tokens
     assert tokens[0][0] == expected_greedy(model, long_prompt, 12)
     assert tokens[1][0] == expected_greedy(model, [7, 8, 9], 12)
+
+
+def test_two_callers_long_prefills_take_turns_and_both_finish(model):
+    # Each turn advances a prefill by at least one chunk before it may be set aside again; two
+    # half-done prompts would otherwise hand the staging slot back and forth for ever.
+    prompts = {"first": list(range(200, 230)), "second": list(range(300, 330))}
+
+    async def main():
+        engine = Engine(BatchDecoder(model, max_batch=4), prefill_chunk=8)
+        generations = [Generation(prompt, SamplingParams(max_tokens=6, temperature=0), caller=caller)
+                       for caller, prompt in prompts.items()]
+        for generation in generations:
+            engine.submit(generation)
+        engine.start()
+        try:
+            return (await finishing_order(generations))[1]
+        finally:
+            engine.stop()
+
+    tokens = asyncio.run(main())
+    for (caller, prompt), result in zip(prompts.items(), tokens, strict=True):
+        assert result[0] == expected_greedy(model, prompt, 6), caller
