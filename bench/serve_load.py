@@ -156,6 +156,15 @@ def swap_twice(manifest: Path, checkpoints: list[Path], seconds: float, log: lis
     return thread
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (gunicorn's workers too), SIGKILL if it lingers."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
 def run_locust(url: str, users: int, seconds: int, results: Path, log: Path,
                user_classes: tuple[str, ...] = ("OpenAIClient",), extra_env: dict[str, str] | None = None,
                stop_timeout: int = 30) -> None:
@@ -198,11 +207,7 @@ def measure(server_name: str, workdir: Path, checkpoints: list[Path], users: int
         swapper.join(timeout=5)
         served = httpx.get(url + "/health", timeout=10).json().get("deployment_id")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
     figures = json.loads(results_path.read_text())
     ttft = figures["ttft_s"]
     return {
@@ -412,11 +417,7 @@ def measure_heavy(shape_name: str, heavy_users: int, seconds: int, rounds: int, 
                 phase(heavy, round_number)
                 phase(None, round_number)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
     return {"shape": shape_name, "shape_config": vars(shape), "settings": settings, "heavy_users": heavy_users,
             "seconds_per_phase": seconds, "head_start_s": HEAD_START_S, "rounds": rounds,
             "requests": [{"name": h["name"], "path": h["path"]} for h in heavies],
