@@ -287,7 +287,10 @@ def largest_body(n: int, bias: dict[str, float]) -> dict:
         chars -= 8
     return {"name": f"largest body: {schemas.MAX_MESSAGES} messages, {len(bias)} biases, n={n}, "
                     f"{len(json.dumps(body(chars))) // 1024} KiB (refused: over the context)",
-            "path": "/v1/chat/completions", "body": body(chars), "expect_status": 400}
+            "path": "/v1/chat/completions", "body": body(chars), "expect_status": 400,
+            # Not a valid request, so outside the 3x goal: it is here for /health while the most a
+            # body can ask of admission is done, without pause (a flood that per-key limits bound).
+            "goal": False}
 
 
 def load_gauges(url: str) -> tuple[float, float]:
@@ -331,7 +334,8 @@ def run_phase(url: str, workdir: Path, label: str, heavy: dict | None, heavy_use
     figures = json.loads(results.read_text())
     victim = figures["victim_latency_s"]
     return {
-        "label": label, "heavy": heavy["name"] if heavy else None, "seconds": seconds,
+        "label": label, "heavy": heavy["name"] if heavy else None,
+        "goal": bool(heavy and heavy.get("goal", True)), "seconds": seconds,
         "victim_requests": len(victim), "victim_failed": figures["victim_failed"],
         "victim_median_ms": median_ms(victim), "victim_p90_ms": round(percentile(victim, 90) * 1000, 1),
         "victim_tokens_min": min(figures["victim_tokens"], default=None),
@@ -353,7 +357,8 @@ def heavy_rows(phases: list[dict]) -> list[dict]:
             continue
         before, after = phases[i - 1], phases[i + 1]
         alone = median_ms(before["victim_latency_s"] + after["victim_latency_s"])
-        rows.append({"heavy": phase["heavy"], "round": phase["round"], "alone_before_ms": before["victim_median_ms"],
+        rows.append({"heavy": phase["heavy"], "goal": phase["goal"], "round": phase["round"],
+                     "alone_before_ms": before["victim_median_ms"],
                      "alone_before_n": before["victim_requests"], "with_ms": phase["victim_median_ms"],
                      "with_n": phase["victim_requests"], "alone_after_ms": after["victim_median_ms"],
                      "alone_after_n": after["victim_requests"], "alone_ms": alone,
@@ -435,11 +440,13 @@ def print_heavy_table(run: dict) -> None:
               f"| **{r['ratio']:.2f}x** | {r['heavy_done']} ({r['heavy_median_s']:.1f}) | {r['heavy_refused_429']} "
               f"| {r['heavy_refused_503']} | {r['heavy_failed']} | {r['victim_failed']} "
               f"| {r['health_p99_ms']:.0f} ms | {r['health_max_ms']:.0f} ms |")
-    worst = max(r["ratio"] for r in run["rows"])
+    goal_rows = [r for r in run["rows"] if r["goal"]]
+    worst = max((r["ratio"] for r in goal_rows), default=float("nan"))
     failed = sum(p["victim_failed"] for p in run["phases"])
     short = [p["victim_tokens_min"] for p in run["phases"] if p["victim_tokens_min"] not in (None, 16)]
     print(f"\nvictim: median latency of a 16-token greedy chat request (requests in the phase in brackets); "
-          f"alone = median over the phases before and after. Goal at most 3x alone in every row: "
+          f"alone = median over the phases before and after. Goal at most 3x alone in every row of a valid "
+          f"request ({len(goal_rows)} of {len(run['rows'])} rows): "
           f"{'met' if worst <= 3 else 'NOT met'} (worst {worst:.2f}x); victim failures {failed}"
           + (f"; some victim answers were shorter than 16 tokens (min {min(short)})" if short else ""))
     for p in run["phases"]:
