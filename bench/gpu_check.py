@@ -340,7 +340,8 @@ def part_engine(plan: Plan) -> dict[str, Any]:
     model = GPT(plan.model_config()).to(plan.device).eval()
     streams, tokens = plan.engine_streams, plan.engine_tokens
     max_len = min(model.config.block_size, max(ENGINE_PROMPT_TOKENS + tokens, plan.engine_long_prompt) + 8)
-    engine = Engine(BatchDecoder(model, max_batch=streams, max_len=max_len), max_queue=2 * streams).start()
+    # One caller sends every stream, and a caller may have a quarter of the queue waiting.
+    engine = Engine(BatchDecoder(model, max_batch=streams, max_len=max_len), max_queue=4 * streams).start()
     one = [prompt_tokens(ENGINE_PROMPT_TOKENS)]
     many = [prompt_tokens(ENGINE_PROMPT_TOKENS, offset=i) for i in range(streams)]
     try:

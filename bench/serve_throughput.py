@@ -347,7 +347,7 @@ def measure_alone(method: Method, args: argparse.Namespace) -> dict:
     # Built in the engine's thread, as the server builds it (see serving.engine.Engine).
     engine = Engine(functools.partial(BatchDecoder, model, max_batch=args.streams, max_len=max_len,
                                       weights=method.weights, one_row=method.one_row),
-                    max_queue=2 * args.streams).start()
+                    max_queue=4 * args.streams).start()  # one caller's share, a quarter, holds every stream
     try:
         engine_run(engine, prompts, 4)  # warm-up
         result = {"rate": engine_run(engine, prompts, args.tokens)[0],
