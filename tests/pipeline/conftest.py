@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +66,6 @@ class MicroPipeline:
     instance: dg.DagsterInstance
     home: Path  # the instance's folder: DAGSTER_HOME for a process that should use the same instance
     artifacts: Path
-    # That first run and the manifest it deployed, as they were before any test redeployed or
-    # materialized again on the instance.
-    first_run: dg.ExecuteInJobResult | None = None
-    first_manifest: dict | None = None
-
-    def first_event(self, asset: str) -> dg.AssetMaterialization:
-        [event] = self.first_run.asset_materializations_for_node(asset)
-        return event
 
     def materialize(self, selection: str | list[str], **config: dict) -> dg.ExecuteInJobResult:
         return materialize(selection, self.instance, self.artifacts, **config)
@@ -95,13 +86,10 @@ def no_leftover_definitions_state():
 
 @pytest.fixture(scope="session")
 def micro_pipeline(tmp_path_factory) -> MicroPipeline:
-    """Shared by the deployment tests, which each set up the deployment state they need first, and
-    by test_materialize, which checks what the first run recorded (one whole graph for all of them)."""
+    """Shared by the deployment tests, which each set up the deployment state they need first."""
     home = tmp_path_factory.mktemp("dagster_home")
     with dg.instance_for_test(temp_dir=str(home), set_dagster_home=False) as instance:
         pipeline = MicroPipeline(instance, home, tmp_path_factory.mktemp("micro") / "artifacts")
         result = pipeline.materialize("*")
         assert result.success, [str(e.event_specific_data.error) for e in result.all_events if e.is_step_failure]
-        pipeline.first_run = result
-        pipeline.first_manifest = json.loads((pipeline.artifacts / "deployment" / "current.json").read_text())
         yield pipeline

@@ -13,7 +13,7 @@ from dagster._core.loader import LoadingContextForTest
 from nanogpt_core.checkpoint import read_checkpoint
 from pipeline.definitions import defs
 
-from .conftest import data_version, materialize
+from .conftest import data_version, latest_event, materialize
 
 pytestmark = pytest.mark.slow
 
@@ -35,56 +35,50 @@ def test_definitions_load_and_every_asset_has_group_kinds_and_code_version():
         assert node.kinds, key
 
 
-def test_the_whole_graph_materializes_on_micro_and_records_lineage(micro_pipeline):
-    # The session's shared run of the whole graph (its fixture asserts that it succeeded), read
-    # as that run recorded it: other tests may have materialized and deployed again since.
-    instance, root = micro_pipeline.instance, micro_pipeline.artifacts
-    result = micro_pipeline.first_run
-    assert result.success
-    checks = result.get_asset_check_evaluations()
-    assert checks
-    for check in checks:
-        assert check.passed, check
+def test_the_whole_graph_materializes_on_micro_and_records_lineage(tmp_path):
+    root = tmp_path / "artifacts"
+    with dg.instance_for_test() as instance:
+        result = materialize("*", instance, root)
+        assert result.success, [str(e.event_specific_data.error) for e in result.all_events if e.is_step_failure]
+        for check in result.get_asset_check_evaluations():
+            assert check.passed, check
 
-    shards_version = micro_pipeline.first_event("token_shards").tags["dagster/data_version"]
-    pretrained = micro_pipeline.first_event("pretrained_checkpoint")
-    assert pretrained.metadata["upstream_token_shards_data_version"].value == shards_version
-    checkpoint = pretrained.metadata["path"].value
-    lineage = read_checkpoint(checkpoint)["lineage"]
-    assert lineage["data_version"] == shards_version  # the file carries the same lineage
-    assert lineage["world_size"] == 2  # trained by a real 2-process torchrun
-    assert "loss_curve" in pretrained.metadata and "median_tokens_per_sec" in pretrained.metadata
+        shards_version = data_version(instance, "token_shards")
+        pretrained = latest_event(instance, "pretrained_checkpoint")
+        assert pretrained.metadata["upstream_token_shards_data_version"].value == shards_version
+        checkpoint = pretrained.metadata["path"].value
+        lineage = read_checkpoint(checkpoint)["lineage"]
+        assert lineage["data_version"] == shards_version  # the file carries the same lineage
+        assert lineage["world_size"] == 2  # trained by a real 2-process torchrun
+        assert "loss_curve" in pretrained.metadata and "median_tokens_per_sec" in pretrained.metadata
 
-    finetuned_event = micro_pipeline.first_event("finetuned_checkpoint")
-    finetuned = read_checkpoint(finetuned_event.metadata["path"].value)
-    assert finetuned["lineage"]["parent_checkpoint"]
+        finetuned = read_checkpoint(latest_event(instance, "finetuned_checkpoint").metadata["path"].value)
+        assert finetuned["lineage"]["parent_checkpoint"]
 
-    # Each training asset carries its report card, also written beside its checkpoint.
-    base_card = pretrained.metadata["report_card_json"].value
-    held_out = pretrained.metadata["held_out_loss"].value
-    assert base_card["loss"]["held_out"] == held_out < base_card["loss"]["initial_val"]
-    assert base_card["replies"]["kind"] == "text" and base_card["scores"]["this"]["n"] == 40
-    assert "| held-out loss (frozen set) |" in pretrained.metadata["report_card"].value
-    chat = finetuned_event.metadata
-    chat_card = json.loads((Path(chat["path"].value).parent / "report_card.json").read_text())
-    assert chat_card == chat["report_card_json"].value and chat_card["replies"]["of"] == 10
-    assert chat["replies_acceptable"].value == chat_card["replies"]["acceptable"]
+        # Each training asset carries its report card, also written beside its checkpoint.
+        base_card = pretrained.metadata["report_card_json"].value
+        held_out = pretrained.metadata["held_out_loss"].value
+        assert base_card["loss"]["held_out"] == held_out < base_card["loss"]["initial_val"]
+        assert base_card["replies"]["kind"] == "text" and base_card["scores"]["this"]["n"] == 40
+        assert "| held-out loss (frozen set) |" in pretrained.metadata["report_card"].value
+        chat = latest_event(instance, "finetuned_checkpoint").metadata
+        chat_card = json.loads((Path(chat["path"].value).parent / "report_card.json").read_text())
+        assert chat_card == chat["report_card_json"].value and chat_card["replies"]["of"] == 10
+        assert chat["replies_acceptable"].value == chat_card["replies"]["acceptable"]
 
-    manifest = micro_pipeline.first_manifest
-    assert manifest["checkpoint_path"] in (checkpoint, finetuned_event.metadata["path"].value)
-    assert manifest["scores"]["benchmark"] == "demo-cloze"  # offline: never called HellaSwag
+        manifest = json.loads((root / "deployment" / "current.json").read_text())
+        assert manifest["checkpoint_path"] in (checkpoint, latest_event(instance, "finetuned_checkpoint")
+                                               .metadata["path"].value)
+        assert manifest["scores"]["benchmark"] == "demo-cloze"  # offline: never called HellaSwag
 
-    # Changed input: new versions, and what was trained on the old ones is stale.
-    before = {a: data_version(instance, a) for a in ("raw_fineweb", "token_shards")}
-    assert before["token_shards"] == shards_version
-    assert stale_status(instance, "pretrained_checkpoint") == StaleStatus.FRESH
-    assert materialize(["raw_fineweb", "token_shards"], instance, root, raw_fineweb={"limit": 300}).success
-    assert data_version(instance, "raw_fineweb") != before["raw_fineweb"]
-    assert data_version(instance, "token_shards") != before["token_shards"]
-    assert stale_status(instance, "pretrained_checkpoint") == StaleStatus.STALE
+        # Unchanged input: identical data versions, nothing downstream goes stale.
+        before = {a: data_version(instance, a) for a in ("raw_fineweb", "token_shards")}
+        assert materialize(["raw_fineweb", "token_shards"], instance, root).success
+        assert {a: data_version(instance, a) for a in before} == before
+        assert stale_status(instance, "pretrained_checkpoint") == StaleStatus.FRESH
 
-    # The input as it was: the very same data versions again, and nothing downstream is stale.
-    # (This also leaves the shared instance's newest data as the other tests expect it.)
-    assert materialize(["raw_fineweb", "token_shards"], instance, root).success
-    assert {a: data_version(instance, a) for a in before} == before
-    assert stale_status(instance, "pretrained_checkpoint") == StaleStatus.FRESH
+        # Changed input: new versions, and what was trained on the old ones is stale.
+        assert materialize(["raw_fineweb", "token_shards"], instance, root, raw_fineweb={"limit": 300}).success
+        assert data_version(instance, "raw_fineweb") != before["raw_fineweb"]
+        assert data_version(instance, "token_shards") != before["token_shards"]
+        assert stale_status(instance, "pretrained_checkpoint") == StaleStatus.STALE
